@@ -1,0 +1,332 @@
+"""One config tree of dataclasses: loaded from TOML, overridden with ``key=value``, validated once.
+
+Every field's ``help`` metadata is its documentation (``cellm config --help-fields`` prints it). Unknown keys,
+wrong types and out-of-range values raise :class:`ConfigError` naming the field and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import tomli_w
+
+from cellm.errors import ConfigError
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+def _f(default: Any, help: str, choices: tuple | None = None) -> Any:
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = choices
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("minilm-l6", "Registered model: minilm-l6, smollm2-135m, tiny-bert, tiny-llama.")
+    lora_rank: int = _f(8, "LoRA rank r (>= 1).")
+    lora_alpha: float = _f(16.0, "LoRA alpha; the adapter is scaled by alpha / r.")
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA input, in [0, 1).")
+    target_modules: list[str] = _f([], "Module names that get LoRA; empty = the model's default (query/value, q_proj/v_proj).")
+
+
+@dataclass
+class DataConfig:
+    name: str = _f("bbc", "Dataset: bbc (classification), shakespeare or chitchat (next-token prediction).")
+    num_clients: int = _f(50, "Number of federated clients.")
+    seq_len: int = _f(64, "Tokens per example (truncate / pad / chunk).")
+    min_client_size: int = _f(8, "Fewest examples (sequences) a client may hold.")
+    dirichlet_alpha: float = _f(0.5, "Label skew of the Dirichlet split (bbc): smaller is more non-IID.")
+    test_fraction: float = _f(0.2, "Held-out share of examples (bbc; stratified).")
+    max_test_examples: int = _f(0, "Cap on held-out examples used for evaluation; 0 = all.")
+    cache_dir: str = _f(".cellm-cache", "Where tokenized data is cached; empty string = no cache.")
+
+
+@dataclass
+class FLConfig:
+    clients_per_round: int = _f(5, "Distinct clients sampled uniformly each round.")
+    local_steps: int = _f(5, "Local optimizer steps per client per round (used when local_epochs = 0).")
+    local_epochs: int = _f(0, "Local epochs per client per round; 0 = use local_steps.")
+    batch_size: int = _f(16, "Local batch size.")
+    eval_every: int = _f(5, "Evaluate every this many rounds (and after the last round, and at round 0).")
+    aggregation: str = _f("mean", "How uploads are combined: mean (FLASC) or weighted (by example count).", ("mean", "weighted"))
+
+
+@dataclass
+class ClientConfig:
+    optimizer: str = _f("sgd", "Local optimizer, fresh each round.", ("sgd", "adamw"))
+    lr: float = _f(0.1, "Local learning rate.")
+    momentum: float = _f(0.9, "SGD momentum.")
+    weight_decay: float = _f(0.0, "Local weight decay.")
+    max_grad_norm: float = _f(0.0, "Clip local gradients to this L2 norm; 0 = off.")
+
+
+@dataclass
+class ServerConfig:
+    optimizer: str = _f("adamw", "Server optimizer stepped with the mean delta as gradient.", ("adamw", "adam", "sgd"))
+    lr: float = _f(1e-2, "Server learning rate (sgd with lr 1 and momentum 0 is plain FedAvg).")
+    momentum: float = _f(0.0, "Server SGD momentum.")
+    beta1: float = _f(0.9, "Adam/AdamW beta1.")
+    beta2: float = _f(0.999, "Adam/AdamW beta2.")
+    eps: float = _f(1e-8, "Adam/AdamW epsilon.")
+    weight_decay: float = _f(0.0, "Server weight decay.")
+
+
+@dataclass
+class CommConfig:
+    down_density: float = _f(1.0, "Share of adapter entries sent server -> client (top-k of |w|), in (0, 1].")
+    up_density: float = _f(1.0, "Share of delta entries sent client -> server (top-k of |delta|), in (0, 1].")
+    down_decay: float = _f(1.0, "Download density multiplier every decay_every rounds, in (0, 1].")
+    up_decay: float = _f(1.0, "Upload density multiplier every decay_every rounds, in (0, 1].")
+    decay_every: int = _f(1, "Rounds between density decays.")
+    freeze_mask_after: int = _f(0, "Compute the download mask once after this many rounds and keep it (pruned LoRA); 0 = recompute every round.")
+    client_freeze: bool = _f(False, "Clients train and upload only on the download support (gradients multiplied by the mask).")
+    codec_down: str = _f("fp32", "Value coding of downloads: fp32, fp16, bf16 or int8.", ("fp32", "fp16", "bf16", "int8"))
+    codec_up: str = _f("fp32", "Value coding of uploads: fp32, fp16, bf16 or int8.", ("fp32", "fp16", "bf16", "int8"))
+    int8_block: int = _f(256, "Values per int8 scale block.")
+    zstd_level: int = _f(0, "zstd level applied on top of each message; 0 = off.")
+    positions: str = _f("auto", "Position coding: auto (cheapest per message), bitmap or gaps.", ("auto", "bitmap", "gaps"))
+    error_feedback_up: bool = _f(False, "Clients keep what top-k and quantization dropped and add it to their next upload.")
+    download_mode: str = _f("weights", "weights: top-k of w to stateless clients (FLASC); delta: sparse change since each client's last copy (stateful clients).", ("weights", "delta"))
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = _f(64, "Evaluation batch size.")
+
+
+@dataclass
+class CellmConfig:
+    seed: int = _f(0, "Seed of everything: adapter init, client sampling, batches, dropout.")
+    rounds: int = _f(30, "Federated rounds.")
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Model and LoRA."})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Dataset and federated split."})
+    fl: FLConfig = field(default_factory=FLConfig, metadata={"help": "Rounds, sampling, local work, aggregation."})
+    client: ClientConfig = field(default_factory=ClientConfig, metadata={"help": "Client optimizer."})
+    server: ServerConfig = field(default_factory=ServerConfig, metadata={"help": "Server optimizer."})
+    comm: CommConfig = field(default_factory=CommConfig, metadata={"help": "Sparsity and wire format."})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Evaluation."})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+
+# ---------------------------------------------------------------- loading
+
+def _coerce(path: str, value: Any, typ: Any) -> Any:
+    origin = get_origin(typ)
+    if origin is list:
+        (inner,) = get_args(typ)
+        if not isinstance(value, list):
+            raise ConfigError(f"config field '{path}' must be a list of {inner.__name__}, got {value!r}")
+        return [_coerce(f"{path}[{i}]", v, inner) for i, v in enumerate(value)]
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"config field '{path}' must be {typ.__name__}, got {type(value).__name__} {value!r}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config table '{prefix.rstrip('.')}' must be a table, got {data!r}")
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    for key in data:
+        if key not in known:
+            raise ConfigError(
+                f"unknown config key '{prefix}{key}' (valid keys here: {', '.join(sorted(known))})"
+            )
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in data:
+            continue
+        typ = hints[f.name]
+        if dataclasses.is_dataclass(typ):
+            kwargs[f.name] = _build(typ, data[f.name], f"{prefix}{f.name}.")
+        else:
+            kwargs[f.name] = _coerce(prefix + f.name, data[f.name], typ)
+    return cls(**kwargs)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value (e.g. comm.up_density=0.25), got {item!r}")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # bare strings: --set data.name=bbc
+    return key.split("."), value
+
+
+def merge(base: dict[str, Any], path: list[str], value: Any) -> None:
+    node = base
+    for part in path[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"config key '{'.'.join(path)}': '{part}' is not a table")
+        node = nxt
+    node[path[-1]] = value
+
+
+def _read_toml(path: Path, what: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{what} file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{what} file {path} is not valid TOML: {exc}") from None
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def preset_dict(name: str) -> dict[str, Any]:
+    path = PRESET_DIR / f"{name}.toml"
+    if not path.exists():
+        raise ConfigError(f"unknown preset '{name}' (available: {', '.join(presets())})")
+    return _read_toml(path, "preset")
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    preset: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    data: dict[str, Any] | None = None,
+) -> CellmConfig:
+    """Build a validated config: preset (default 'demo' when no file or dict is given), then file, then --set."""
+    tree: dict[str, Any] = {}
+    if preset is not None or (path is None and data is None):
+        tree = preset_dict(preset or "demo")
+    layers = []
+    if path is not None:
+        layers.append(_read_toml(Path(path), "config"))
+    if data is not None:
+        layers.append(data)
+    for layer in layers:
+        _deep_update(tree, layer)
+    for item in overrides:
+        keys, value = _parse_override(item)
+        merge(tree, keys, value)
+    cfg = _build(CellmConfig, tree)
+    validate(cfg)
+    return cfg
+
+
+def _deep_update(dst: dict[str, Any], src: dict[str, Any]) -> None:
+    for key, value in src.items():
+        if isinstance(value, dict) and isinstance(dst.get(key), dict):
+            _deep_update(dst[key], value)
+        else:
+            dst[key] = value
+
+
+# ---------------------------------------------------------------- validation
+
+def _check(ok: bool, field_name: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"config field '{field_name}' {msg}")
+
+
+def _check_choices(cfg: Any, prefix: str) -> None:
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_choices(value, f"{prefix}{f.name}.")
+        elif "choices" in f.metadata:
+            choices = f.metadata["choices"]
+            _check(value in choices, prefix + f.name, f"must be one of {', '.join(choices)}; got {value!r}")
+
+
+def validate(cfg: CellmConfig) -> None:
+    """Range checks that need no assets. Raises ConfigError naming the field."""
+    from cellm.data import DATASETS
+    from cellm.models.registry import MODELS
+
+    _check_choices(cfg, "")
+    _check(cfg.rounds >= 1, "rounds", f"must be >= 1; got {cfg.rounds}")
+    _check(cfg.seed >= 0, "seed", f"must be >= 0; got {cfg.seed}")
+    m = cfg.model
+    _check(m.name in MODELS, "model.name", f"must be one of {', '.join(MODELS)}; got {m.name!r}")
+    _check(m.lora_rank >= 1, "model.lora_rank", f"must be >= 1; got {m.lora_rank}")
+    _check(m.lora_alpha > 0, "model.lora_alpha", f"must be > 0; got {m.lora_alpha}")
+    _check(0.0 <= m.lora_dropout < 1.0, "model.lora_dropout", f"must be in [0, 1); got {m.lora_dropout}")
+    d = cfg.data
+    _check(d.name in DATASETS, "data.name", f"must be one of {', '.join(DATASETS)}; got {d.name!r}")
+    _check(d.num_clients >= 1, "data.num_clients", f"must be >= 1; got {d.num_clients}")
+    _check(d.seq_len >= 8, "data.seq_len", f"must be >= 8; got {d.seq_len}")
+    _check(d.min_client_size >= 1, "data.min_client_size", f"must be >= 1; got {d.min_client_size}")
+    _check(d.dirichlet_alpha > 0, "data.dirichlet_alpha", f"must be > 0; got {d.dirichlet_alpha}")
+    _check(0.0 < d.test_fraction < 1.0, "data.test_fraction", f"must be in (0, 1); got {d.test_fraction}")
+    _check(d.max_test_examples >= 0, "data.max_test_examples", f"must be >= 0; got {d.max_test_examples}")
+    task = MODELS[m.name].task
+    want = "classification" if d.name == "bbc" else "causal_lm"
+    _check(task == want, "data.name",
+           f"'{d.name}' is a {want} dataset but model '{m.name}' is a {task} model; pick a matching pair")
+    f = cfg.fl
+    _check(f.clients_per_round >= 1, "fl.clients_per_round", f"must be >= 1; got {f.clients_per_round}")
+    _check(f.clients_per_round <= d.num_clients, "fl.clients_per_round",
+           f"({f.clients_per_round}) must not exceed data.num_clients ({d.num_clients})")
+    _check(f.local_steps >= 1, "fl.local_steps", f"must be >= 1; got {f.local_steps}")
+    _check(f.local_epochs >= 0, "fl.local_epochs", f"must be >= 0; got {f.local_epochs}")
+    _check(f.batch_size >= 1, "fl.batch_size", f"must be >= 1; got {f.batch_size}")
+    _check(f.eval_every >= 1, "fl.eval_every", f"must be >= 1; got {f.eval_every}")
+    c = cfg.client
+    _check(c.lr > 0, "client.lr", f"must be > 0; got {c.lr}")
+    _check(0.0 <= c.momentum < 1.0, "client.momentum", f"must be in [0, 1); got {c.momentum}")
+    _check(c.weight_decay >= 0, "client.weight_decay", f"must be >= 0; got {c.weight_decay}")
+    _check(c.max_grad_norm >= 0, "client.max_grad_norm", f"must be >= 0; got {c.max_grad_norm}")
+    s = cfg.server
+    _check(s.lr > 0, "server.lr", f"must be > 0; got {s.lr}")
+    _check(0.0 <= s.momentum < 1.0, "server.momentum", f"must be in [0, 1); got {s.momentum}")
+    _check(0.0 <= s.beta1 < 1.0, "server.beta1", f"must be in [0, 1); got {s.beta1}")
+    _check(0.0 <= s.beta2 < 1.0, "server.beta2", f"must be in [0, 1); got {s.beta2}")
+    _check(s.eps > 0, "server.eps", f"must be > 0; got {s.eps}")
+    _check(s.weight_decay >= 0, "server.weight_decay", f"must be >= 0; got {s.weight_decay}")
+    k = cfg.comm
+    for name in ("down_density", "up_density", "down_decay", "up_decay"):
+        v = getattr(k, name)
+        _check(0.0 < v <= 1.0, f"comm.{name}", f"must be in (0, 1]; got {v}")
+    _check(k.decay_every >= 1, "comm.decay_every", f"must be >= 1; got {k.decay_every}")
+    _check(k.freeze_mask_after >= 0, "comm.freeze_mask_after", f"must be >= 0; got {k.freeze_mask_after}")
+    _check(k.int8_block >= 1, "comm.int8_block", f"must be >= 1; got {k.int8_block}")
+    _check(0 <= k.zstd_level <= 22, "comm.zstd_level", f"must be in [0, 22]; got {k.zstd_level}")
+    _check(cfg.eval.batch_size >= 1, "eval.batch_size", f"must be >= 1; got {cfg.eval.batch_size}")
+
+
+def describe_fields(cls: type = CellmConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, help) for every leaf field: the config's reference documentation."""
+    rows = []
+    inst = cls()
+    for f in fields(cls):
+        value = getattr(inst, f.name)
+        if dataclasses.is_dataclass(value):
+            rows.extend(describe_fields(type(value), f"{prefix}{f.name}."))
+        else:
+            rows.append((prefix + f.name, repr(value), f.metadata.get("help", "")))
+    return rows

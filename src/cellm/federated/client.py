@@ -1,0 +1,144 @@
+"""The client update: decode the download, train the whole adapter densely, send a sparse delta."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from cellm.core.codec import CodecError, CodecSpec, decode
+from cellm.core.feedback import compress
+from cellm.data.types import Split
+from cellm.federated.seeds import BATCHES, DROPOUT, derive
+from cellm.models.flat import FlatView
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    max_grad_norm: float = 0.0
+    local_steps: int = 5
+    local_epochs: int = 0
+    batch_size: int = 16
+
+
+@dataclass(frozen=True)
+class ClientTask:
+    """What the server sends a client in one round: the encoded download and the round's settings."""
+
+    round: int
+    client: int
+    download: bytes
+    up_density: float
+    codec_up: CodecSpec
+    download_mode: str = "weights"  # "weights": start from the download; "delta": add it to the kept copy
+    client_freeze: bool = False
+    error_feedback: bool = False
+
+
+@dataclass
+class ClientState:
+    """What a client keeps between the rounds it takes part in (nothing, in FLASC's default)."""
+
+    residual: torch.Tensor | None = None  # upload error feedback
+    copy: torch.Tensor | None = None  # last global adapter received (delta download mode)
+
+
+@dataclass
+class ClientReply:
+    payload: bytes
+    num_examples: int
+    train_loss: float
+    nonzeros: int
+    extra: dict = field(default_factory=dict)
+
+
+def _batches(n: int, spec: TrainSpec, gen: torch.Generator) -> list[torch.Tensor]:
+    """Index batches: local_epochs passes over a fresh shuffle, or local_steps batches cycling through shuffles."""
+    steps = spec.local_epochs * math.ceil(n / spec.batch_size) if spec.local_epochs > 0 else spec.local_steps
+    out: list[torch.Tensor] = []
+    perm, pos = torch.randperm(n, generator=gen), 0
+    while len(out) < steps:
+        if pos >= n:
+            perm, pos = torch.randperm(n, generator=gen), 0
+        out.append(perm[pos:pos + spec.batch_size])
+        pos += spec.batch_size
+    return out
+
+
+def _optimizer(spec: TrainSpec, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if spec.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+    if spec.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    raise ValueError(f"unknown client optimizer {spec.optimizer!r}")
+
+
+def local_train(
+    model: torch.nn.Module, flat: FlatView, start: torch.Tensor, data: Split, spec: TrainSpec, *,
+    seed: int, round_: int, client: int, grad_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, float]:
+    """Train the adapter densely from ``start`` on ``data``; returns (trained flat vector, mean train loss).
+
+    A fresh optimizer each round (FLASC). ``grad_mask`` multiplies the gradients (client_freeze).
+    """
+    flat.set(start)
+    gen = torch.Generator().manual_seed(derive(seed, round_, client, BATCHES))
+    opt = _optimizer(spec, flat.params)
+    masks = None
+    if grad_mask is not None:
+        masks = [grad_mask[a:b].view(p.shape).to(p.dtype)
+                 for p, a, b in zip(flat.params, flat.offsets[:-1], flat.offsets[1:], strict=True)]
+    losses = []
+    model.train()
+    with torch.random.fork_rng():
+        torch.manual_seed(derive(seed, round_, client, DROPOUT))
+        for idx in _batches(len(data), spec, gen):
+            out = model(input_ids=data.input_ids[idx], attention_mask=data.attention_mask[idx],
+                        labels=data.labels[idx])
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            if masks is not None:
+                for p, m in zip(flat.params, masks, strict=True):
+                    if p.grad is not None:
+                        p.grad.mul_(m)
+            if spec.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(flat.params, spec.max_grad_norm)
+            opt.step()
+            losses.append(float(out.loss.detach()))
+    model.eval()
+    return flat.get(), sum(losses) / len(losses)
+
+
+def client_update(
+    model: torch.nn.Module, flat: FlatView, data: Split, task: ClientTask, spec: TrainSpec,
+    state: ClientState, *, seed: int,
+) -> tuple[ClientReply, ClientState]:
+    """One client's round. The download is decoded strictly; a malformed one raises CodecError (nothing trained)."""
+    received = decode(task.download, max_n=flat.numel, expected_n=flat.numel).to_dense()
+    if task.download_mode == "delta":
+        base = state.copy if state.copy is not None else torch.zeros(flat.numel)
+        start = base + received
+    else:
+        start = received
+    grad_mask = (start != 0) if task.client_freeze else None
+    trained, loss = local_train(model, flat, start, data, spec, seed=seed, round_=task.round,
+                                client=task.client, grad_mask=grad_mask)
+    delta = start - trained  # a negative update: the server steps along -delta
+    residual = state.residual
+    if task.error_feedback and residual is None:
+        residual = torch.zeros(flat.numel)
+    payload, sent, new_residual = compress(delta, task.up_density, task.codec_up, residual,
+                                           support=grad_mask)
+    new_state = ClientState(
+        residual=new_residual if task.error_feedback else None,
+        copy=start if task.download_mode == "delta" else None,
+    )
+    return ClientReply(payload, len(data), loss, sent.k), new_state
+
+
+__all__ = ["ClientReply", "ClientState", "ClientTask", "CodecError", "TrainSpec", "client_update", "local_train"]

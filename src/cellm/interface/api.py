@@ -1,0 +1,148 @@
+"""The Python API: ``cellm.run(config) -> RunResult``, the same engine as ``cellm run``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cellm.config import CellmConfig, load_config
+from cellm.errors import ConfigError
+from cellm.federated.server import ServerState, masked_weights
+from cellm.interface import runfolder as rf
+from cellm.models.evaluate import primary_metric
+from cellm.runtime.embedded import Setup, load_setup, simulate
+
+
+@dataclass
+class RunResult:
+    """What a run produced: its metrics rows, final evaluation, ledger totals and the trained adapter."""
+
+    config: CellmConfig
+    out_dir: Path | None
+    metrics: list[dict[str, Any]]
+    adapter: dict[str, torch.Tensor]  # PEFT state dict of the final (evaluated) adapter
+    totals: dict[str, int]
+    primary: str
+    wall_s: float
+
+    @property
+    def final_eval(self) -> dict[str, float]:
+        return next(r["eval"] for r in reversed(self.metrics) if "eval" in r)
+
+    @property
+    def initial_eval(self) -> dict[str, float]:
+        return self.metrics[0]["eval"]
+
+    @property
+    def adapter_dir(self) -> Path | None:
+        return None if self.out_dir is None else self.out_dir / rf.ADAPTER
+
+
+def _as_config(config: CellmConfig | dict | str | Path | None) -> CellmConfig:
+    if config is None:
+        return load_config()
+    if isinstance(config, CellmConfig):
+        from cellm.config import validate
+
+        validate(config)
+        return config
+    if isinstance(config, dict):
+        return load_config(data=config)
+    return load_config(config)
+
+
+def default_out_dir(cfg: CellmConfig) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{cfg.model.name}-{cfg.data.name}-{stamp}"
+
+
+def run(config: CellmConfig | dict | str | Path | None = None, out: str | Path | None = None, *,
+        progress: bool = False, save: bool = True) -> RunResult:
+    """Run a federated fine-tuning job; with ``save`` it writes a run folder (default runs/<model>-<data>-<time>).
+
+    Everything that can fail on bad input (config, assets, an existing folder) fails before the folder exists.
+    """
+    cfg = _as_config(config)
+    out_dir = Path(out) if out is not None else (default_out_dir(cfg) if save else None)
+    if out_dir is not None and out_dir.exists() and any(out_dir.iterdir()):
+        raise ConfigError(f"run folder {out_dir} already exists and is not empty; choose another --out")
+    setup = load_setup(cfg)  # AssetError / ConfigError surface here, before any file is written
+    created = False
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        created = True
+        rf.atomic_write_text(out_dir / rf.CONFIG, cfg.to_toml())
+    try:
+        return _execute(cfg, setup, out_dir, progress)
+    except BaseException:
+        if created and not (out_dir / rf.METRICS).exists():
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+
+
+def _execute(cfg: CellmConfig, setup: Setup, out_dir: Path | None, progress: bool) -> RunResult:
+    metric, _ = primary_metric(setup.lm.task)
+    t0 = time.perf_counter()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.rounds, desc="rounds", unit="round", dynamic_ncols=True)
+
+    def on_round(state: ServerState, row: dict[str, Any]) -> None:
+        if out_dir is not None:
+            rf.write_metrics(out_dir, state.metrics)
+        if bar is not None:
+            if row["round"] > 0:
+                bar.update(1)
+            post = {"MB": f"{row['cum_bytes'] / 1e6:.2f}"}
+            if row.get("train_loss") is not None:
+                post["loss"] = f"{row['train_loss']:.3f}"
+            last = next((r["eval"] for r in reversed(state.metrics) if "eval" in r), None)
+            if last is not None:
+                post[metric] = f"{last[metric]:.4g}"
+            bar.set_postfix(post)
+
+    try:
+        state = simulate(cfg, setup, on_round=on_round)
+    finally:
+        if bar is not None:
+            bar.close()
+    final_vec = masked_weights(state, cfg, state.round + 1)
+    setup.flat.set(final_vec)
+    from peft import get_peft_model_state_dict
+
+    adapter = {k: v.detach().clone() for k, v in get_peft_model_state_dict(setup.lm.model).items()}
+    result = RunResult(cfg, out_dir, state.metrics, adapter, state.ledger.totals(), metric,
+                       time.perf_counter() - t0)
+    if out_dir is not None:
+        setup.lm.model.save_pretrained(str(out_dir / rf.ADAPTER))
+        from cellm.interface.plot import plot_runs
+
+        rf.write_metrics(out_dir, state.metrics)
+        rf.atomic_write_text(out_dir / rf.SUMMARY, json.dumps(summary(result), indent=2, sort_keys=True))
+        plot_runs([(f"{cfg.model.name} d_down={cfg.comm.down_density:g} d_up={cfg.comm.up_density:g}",
+                    state.metrics)], metric, out_dir / rf.PLOT, title=f"{cfg.model.name} on {cfg.data.name}")
+    return result
+
+
+def summary(result: RunResult) -> dict[str, Any]:
+    m = result.primary
+    return {
+        "metric": m,
+        "initial": result.initial_eval[m],
+        "final": result.final_eval[m],
+        "rounds": result.config.rounds,
+        "down_bytes": result.totals["down_bytes"],
+        "up_bytes": result.totals["up_bytes"],
+        "total_bytes": result.totals["down_bytes"] + result.totals["up_bytes"],
+        "down_nonzeros": result.totals["down_nonzeros"],
+        "up_nonzeros": result.totals["up_nonzeros"],
+        "wall_s": round(result.wall_s, 1),
+    }

@@ -1,0 +1,70 @@
+"""The ``cellm`` command. Input errors print one line naming the problem and exit with code 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from cellm.errors import CellmError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cellm", description="Federated LoRA fine-tuning with sparse communication.")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="Run federated fine-tuning (default: the demo preset).")
+    r.add_argument("--config", help="TOML config file (applied over the preset, if one is given).")
+    r.add_argument("--preset", help="Named preset (see `cellm presets`).")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="Override one field, e.g. --set comm.up_density=0.25 (repeatable).")
+    r.add_argument("--out", help="Run folder (default runs/<model>-<data>-<time>).")
+    r.add_argument("--no-progress", action="store_true", help="No progress bar.")
+    sub.add_parser("presets", help="List presets.")
+    c = sub.add_parser("config", help="Print the resolved config, or every field with its help.")
+    c.add_argument("--config")
+    c.add_argument("--preset")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    c.add_argument("--fields", action="store_true", help="List every config field, its default and help.")
+    return p
+
+
+def _run(args: argparse.Namespace) -> int:
+    from cellm.config import load_config
+    from cellm.interface.api import run, summary
+
+    cfg = load_config(args.config, preset=args.preset, overrides=args.overrides)
+    result = run(cfg, args.out, progress=not args.no_progress)
+    s = summary(result)
+    print(f"run folder: {result.out_dir}")
+    print(f"{s['metric']}: {s['initial']:.4f} at round 0 -> {s['final']:.4f} after {s['rounds']} rounds")
+    print(f"bytes on the wire: {s['total_bytes']:,} (down {s['down_bytes']:,}, up {s['up_bytes']:,}); "
+          f"nonzeros sent: down {s['down_nonzeros']:,}, up {s['up_nonzeros']:,}; wall {s['wall_s']:.0f} s")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args)
+        if args.command == "presets":
+            from cellm.config import presets
+
+            print("\n".join(presets()))
+            return 0
+        if args.command == "config":
+            from cellm.config import describe_fields, load_config
+
+            if args.fields:
+                for key, default, help_ in describe_fields():
+                    print(f"{key:28} {default:16} {help_}")
+            else:
+                print(load_config(args.config, preset=args.preset, overrides=args.overrides).to_toml(), end="")
+            return 0
+    except CellmError as exc:
+        print(f"cellm: error: {exc}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

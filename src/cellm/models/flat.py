@@ -1,0 +1,57 @@
+"""One 1-D view of all trainable tensors (adapter + head), in a fixed order, without touching the base model.
+
+Clients are adapter states: the simulator writes a client's vector into the single model, trains, reads it back.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class FlatView:
+    """Reads and writes the trainable parameters of a model as one float32 vector of N entries."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.names: list[str] = []
+        self.params: list[torch.nn.Parameter] = []
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                self.names.append(name)
+                self.params.append(p)
+        if not self.params:
+            raise ValueError("model has no trainable parameters")
+        self.shapes = [tuple(p.shape) for p in self.params]
+        sizes = [p.numel() for p in self.params]
+        self.offsets = [0]
+        for s in sizes:
+            self.offsets.append(self.offsets[-1] + s)
+        self.numel = self.offsets[-1]
+
+    def segments(self) -> list[tuple[str, int, int]]:
+        """(name, start, end) of each tensor inside the flat vector."""
+        return [(n, self.offsets[i], self.offsets[i + 1]) for i, n in enumerate(self.names)]
+
+    def get(self) -> torch.Tensor:
+        """A fresh copy of the trainable values (N floats; the base model is not copied)."""
+        return torch.cat([p.detach().reshape(-1).to(torch.float32) for p in self.params])
+
+    @torch.no_grad()
+    def set(self, vec: torch.Tensor) -> None:
+        if vec.numel() != self.numel:
+            raise ValueError(f"flat vector has {vec.numel()} entries, the model's adapter has {self.numel}")
+        for p, a, b in zip(self.params, self.offsets[:-1], self.offsets[1:], strict=True):
+            p.copy_(vec[a:b].view(p.shape).to(p.dtype))
+
+    def grad(self) -> torch.Tensor:
+        return torch.cat([
+            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(torch.float32)
+            for p in self.params
+        ])
+
+    def mask_where(self, predicate) -> torch.Tensor:
+        """Boolean mask over the flat vector of the tensors whose name satisfies ``predicate``."""
+        mask = torch.zeros(self.numel, dtype=torch.bool)
+        for name, a, b in self.segments():
+            if predicate(name):
+                mask[a:b] = True
+        return mask

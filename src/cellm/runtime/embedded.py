@@ -1,0 +1,137 @@
+"""The embedded simulator: one process, one base model in memory, clients are adapter states.
+
+It only drives rounds: sampling, downloads, client updates, aggregation and the server step are the shared
+functions of :mod:`cellm.federated`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from cellm.config import CellmConfig
+from cellm.data import load_federated
+from cellm.data.types import FederatedData
+from cellm.federated.client import ClientReply, ClientState, client_update
+from cellm.federated.server import (
+    RoundOutcome,
+    ServerState,
+    finish_round,
+    masked_weights,
+    plan_round,
+    train_spec,
+)
+from cellm.models.evaluate import evaluate
+from cellm.models.flat import FlatView
+from cellm.models.registry import MODELS, LoadedModel, load_model
+
+
+@dataclass
+class Setup:
+    """The loaded pieces of a run: model (with adapter), its flat view, and the federated data."""
+
+    lm: LoadedModel
+    flat: FlatView
+    data: FederatedData
+
+
+def load_setup(cfg: CellmConfig) -> Setup:
+    spec = MODELS[cfg.model.name]
+    m, d = cfg.model, cfg.data
+    # Load data first with the model's tokenizer; the data decides num_labels of a classifier head.
+    lm = load_model(m.name, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
+                    target_modules=m.target_modules, num_labels=5 if spec.task == "classification" else None,
+                    seed=cfg.seed)
+    data = load_federated(
+        d.name, lm.tokenizer, spec.tokenizer_id, num_clients=d.num_clients, seq_len=d.seq_len,
+        min_client_size=d.min_client_size, dirichlet_alpha=d.dirichlet_alpha, test_fraction=d.test_fraction,
+        max_test_examples=d.max_test_examples or None, seed=cfg.seed, cache_dir=d.cache_dir or None,
+    )
+    return Setup(lm, FlatView(lm.model), data)
+
+
+def evaluate_vector(setup: Setup, vec: torch.Tensor, cfg: CellmConfig) -> dict[str, float]:
+    setup.flat.set(vec)
+    return evaluate(setup.lm.model, setup.data.test, setup.lm.task, cfg.eval.batch_size)
+
+
+@dataclass
+class Simulator:
+    """Holds the per-client state that clients keep between rounds (only when a mode needs it)."""
+
+    cfg: CellmConfig
+    setup: Setup
+    client_states: dict[int, ClientState] = field(default_factory=dict)
+
+    def run_clients(self, plan) -> dict[int, ClientReply]:
+        spec = train_spec(self.cfg)
+        replies = {}
+        for c in plan.clients:
+            st = self.client_states.get(c, ClientState())
+            reply, new_state = client_update(self.setup.lm.model, self.setup.flat, self.setup.data.clients[c],
+                                             plan.tasks[c], spec, st, seed=self.cfg.seed)
+            if new_state.residual is not None or new_state.copy is not None:
+                self.client_states[c] = new_state
+            replies[c] = reply
+        return replies
+
+    def round(self, state: ServerState) -> RoundOutcome:
+        plan = plan_round(state, self.cfg)
+        replies = self.run_clients(plan)
+        return finish_round(state, self.cfg, plan, replies)
+
+
+def metrics_row(state: ServerState, outcome: RoundOutcome | None, wall_s: float, round_s: float,
+                eval_metrics: dict[str, float] | None, cfg: CellmConfig) -> dict[str, Any]:
+    from cellm.federated.server import densities
+
+    t = state.round
+    row: dict[str, Any] = {"round": t}
+    row.update(state.ledger.round_totals(t))
+    row["cum_bytes"] = state.ledger.cum_bytes(t)
+    d_down, d_up = densities(cfg, max(t, 1))
+    row["d_down"], row["d_up"] = d_down, d_up
+    row["train_loss"] = None if outcome is None or outcome.train_loss != outcome.train_loss else outcome.train_loss
+    if outcome is not None:
+        row["clients"] = outcome.accepted + sorted(outcome.rejected)
+        row["rejected"] = len(outcome.rejected)
+        row["applied"] = outcome.applied
+    row["wall_s"] = round(wall_s, 3)
+    row["round_s"] = round(round_s, 3)
+    if eval_metrics is not None:
+        row["eval"] = eval_metrics
+    return row
+
+
+def simulate(cfg: CellmConfig, setup: Setup, state: ServerState | None = None,
+             on_round: Callable[[ServerState, dict[str, Any]], None] | None = None,
+             sim: Simulator | None = None) -> ServerState:
+    """Run rounds until cfg.rounds; call ``on_round(state, row)`` after each (and after round 0's evaluation)."""
+    t0 = time.perf_counter()
+    if state is None:
+        state = ServerState(w=setup.flat.get())
+    sim = sim or Simulator(cfg, setup)
+    if state.round == 0 and not state.metrics:
+        ev = evaluate_vector(setup, masked_weights(state, cfg, 1), cfg)
+        row = metrics_row(state, None, time.perf_counter() - t0, 0.0, ev, cfg)
+        state.metrics.append(row)
+        if on_round:
+            on_round(state, row)
+    offset = state.metrics[-1]["wall_s"] if state.metrics else 0.0
+    while state.round < cfg.rounds:
+        r0 = time.perf_counter()
+        outcome = sim.round(state)
+        t = state.round
+        ev = None
+        if t % cfg.fl.eval_every == 0 or t == cfg.rounds:
+            ev = evaluate_vector(setup, masked_weights(state, cfg, t + 1), cfg)
+        now = time.perf_counter()
+        row = metrics_row(state, outcome, offset + now - t0, now - r0, ev, cfg)
+        state.metrics.append(row)
+        if on_round:
+            on_round(state, row)
+    return state
