@@ -86,50 +86,66 @@ def run(config: CellmConfig | dict | str | Path | None = None, out: str | Path |
         raise
 
 
-def _execute(cfg: CellmConfig, setup: Setup, out_dir: Path | None, progress: bool) -> RunResult:
-    metric, _ = primary_metric(setup.lm.task)
-    t0 = time.perf_counter()
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+class RunRecorder:
+    """Writes a run folder as rounds complete; any runtime (embedded, Flower) calls it the same way."""
 
-        bar = tqdm(total=cfg.rounds, desc="rounds", unit="round", dynamic_ncols=True)
+    def __init__(self, cfg: CellmConfig, out_dir: Path | None, metric: str, progress: bool) -> None:
+        self.cfg, self.out_dir, self.metric = cfg, out_dir, metric
+        self.t0 = time.perf_counter()
+        self.bar = None
+        if progress:
+            from tqdm.auto import tqdm
 
-    def on_round(state: ServerState, row: dict[str, Any]) -> None:
-        if out_dir is not None:
-            rf.write_metrics(out_dir, state.metrics)
-        if bar is not None:
-            if row["round"] > 0:
-                bar.update(1)
+            self.bar = tqdm(total=cfg.rounds, desc="rounds", unit="round", dynamic_ncols=True)
+
+    def on_round(self, state: ServerState, row: dict[str, Any]) -> None:
+        if self.out_dir is not None:
+            rf.write_metrics(self.out_dir, state.metrics)
+        if self.bar is not None:
+            self.bar.n = row["round"]
             post = {"MB": f"{row['cum_bytes'] / 1e6:.2f}"}
             if row.get("train_loss") is not None:
                 post["loss"] = f"{row['train_loss']:.3f}"
             last = next((r["eval"] for r in reversed(state.metrics) if "eval" in r), None)
             if last is not None:
-                post[metric] = f"{last[metric]:.4g}"
-            bar.set_postfix(post)
+                post[self.metric] = f"{last[self.metric]:.4g}"
+            self.bar.set_postfix(post)
 
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def finish(self, state: ServerState, setup: Setup) -> RunResult:
+        """Set the final (evaluated) adapter into the model, save it, the metrics, summary and plot."""
+        self.close()
+        cfg = self.cfg
+        setup.flat.set(masked_weights(state, cfg, state.round + 1))
+        from peft import get_peft_model_state_dict
+
+        adapter = {k: v.detach().clone() for k, v in get_peft_model_state_dict(setup.lm.model).items()}
+        result = RunResult(cfg, self.out_dir, state.metrics, adapter, state.ledger.totals(), self.metric,
+                           time.perf_counter() - self.t0)
+        if self.out_dir is not None:
+            from cellm.interface.plot import plot_runs
+
+            setup.lm.model.save_pretrained(str(self.out_dir / rf.ADAPTER))
+            rf.write_metrics(self.out_dir, state.metrics)
+            rf.atomic_write_text(self.out_dir / rf.SUMMARY, json.dumps(summary(result), indent=2, sort_keys=True))
+            label = f"{cfg.model.name} d_down={cfg.comm.down_density:g} d_up={cfg.comm.up_density:g}"
+            plot_runs([(label, state.metrics)], self.metric, self.out_dir / rf.PLOT,
+                      title=f"{cfg.model.name} on {cfg.data.name}")
+        return result
+
+
+def _execute(cfg: CellmConfig, setup: Setup, out_dir: Path | None, progress: bool) -> RunResult:
+    metric, _ = primary_metric(setup.lm.task)
+    rec = RunRecorder(cfg, out_dir, metric, progress)
     try:
-        state = simulate(cfg, setup, on_round=on_round)
+        state = simulate(cfg, setup, on_round=rec.on_round)
     finally:
-        if bar is not None:
-            bar.close()
-    final_vec = masked_weights(state, cfg, state.round + 1)
-    setup.flat.set(final_vec)
-    from peft import get_peft_model_state_dict
-
-    adapter = {k: v.detach().clone() for k, v in get_peft_model_state_dict(setup.lm.model).items()}
-    result = RunResult(cfg, out_dir, state.metrics, adapter, state.ledger.totals(), metric,
-                       time.perf_counter() - t0)
-    if out_dir is not None:
-        setup.lm.model.save_pretrained(str(out_dir / rf.ADAPTER))
-        from cellm.interface.plot import plot_runs
-
-        rf.write_metrics(out_dir, state.metrics)
-        rf.atomic_write_text(out_dir / rf.SUMMARY, json.dumps(summary(result), indent=2, sort_keys=True))
-        plot_runs([(f"{cfg.model.name} d_down={cfg.comm.down_density:g} d_up={cfg.comm.up_density:g}",
-                    state.metrics)], metric, out_dir / rf.PLOT, title=f"{cfg.model.name} on {cfg.data.name}")
-    return result
+        rec.close()
+    return rec.finish(state, setup)
 
 
 def summary(result: RunResult) -> dict[str, Any]:
