@@ -3,3 +3,8 @@
 from cellm.interface.cli import main
 
 __all__ = ["main"]
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

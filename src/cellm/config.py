@@ -103,6 +103,33 @@ class EvalConfig:
 
 
 @dataclass
+class FaultsConfig:
+    failure_prob: float = _f(0.0, "Probability that a sampled client drops out of a round (no upload), in [0, 1).")
+    deadline_s: float = _f(0.0, "Round deadline in seconds; uploads later than this are not aggregated; 0 = none.")
+    client_time_s: float = _f(10.0, "Embedded runtime: median simulated duration of a client's round (for the deadline).")
+    time_sigma: float = _f(0.5, "Embedded runtime: lognormal spread of simulated client durations.")
+    norm_factor: float = _f(0.0, "Reject an upload whose L2 norm exceeds this times the round's median norm; 0 = off.")
+
+
+@dataclass
+class DPConfig:
+    noise_multiplier: float = _f(0.0, "Gaussian noise z (std z in units of clip_norm, per coordinate); 0 = no DP.")
+    clip_norm: float = _f(1.0, "Per-client L2 clipping norm C of the sparse delta.")
+    delta: float = _f(1e-5, "The delta of (epsilon, delta)-DP reported by the accountant.")
+
+
+@dataclass
+class HeteroConfig:
+    mode: str = _f("none", "Client tiers: none; density (tier i sends at density d * 4^-(T-1-i)); rank (trains and sends only the first r * 4^-(T-1-i) ranks).", ("none", "density", "rank"))
+    num_tiers: int = _f(3, "Number of tiers; client c is in tier c % num_tiers.")
+
+
+@dataclass
+class RunConfig:
+    checkpoint_every: int = _f(1, "Write the whole server and client state to the run folder every this many rounds; 0 = never.")
+
+
+@dataclass
 class CellmConfig:
     seed: int = _f(0, "Seed of everything: adapter init, client sampling, batches, dropout.")
     rounds: int = _f(30, "Federated rounds.")
@@ -113,6 +140,10 @@ class CellmConfig:
     server: ServerConfig = field(default_factory=ServerConfig, metadata={"help": "Server optimizer."})
     comm: CommConfig = field(default_factory=CommConfig, metadata={"help": "Sparsity and wire format."})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Evaluation."})
+    run: RunConfig = field(default_factory=RunConfig, metadata={"help": "Run folder and checkpoints."})
+    faults: FaultsConfig = field(default_factory=FaultsConfig, metadata={"help": "Dropouts, deadlines, rejection."})
+    dp: DPConfig = field(default_factory=DPConfig, metadata={"help": "Differential privacy."})
+    hetero: HeteroConfig = field(default_factory=HeteroConfig, metadata={"help": "Client tiers."})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -316,6 +347,24 @@ def validate(cfg: CellmConfig) -> None:
     _check(k.freeze_mask_after >= 0, "comm.freeze_mask_after", f"must be >= 0; got {k.freeze_mask_after}")
     _check(k.int8_block >= 1, "comm.int8_block", f"must be >= 1; got {k.int8_block}")
     _check(0 <= k.zstd_level <= 22, "comm.zstd_level", f"must be in [0, 22]; got {k.zstd_level}")
+    _check(cfg.run.checkpoint_every >= 0, "run.checkpoint_every", f"must be >= 0; got {cfg.run.checkpoint_every}")
+    fa = cfg.faults
+    _check(0.0 <= fa.failure_prob < 1.0, "faults.failure_prob", f"must be in [0, 1); got {fa.failure_prob}")
+    _check(fa.deadline_s >= 0, "faults.deadline_s", f"must be >= 0; got {fa.deadline_s}")
+    _check(fa.client_time_s > 0, "faults.client_time_s", f"must be > 0; got {fa.client_time_s}")
+    _check(fa.time_sigma >= 0, "faults.time_sigma", f"must be >= 0; got {fa.time_sigma}")
+    _check(fa.norm_factor == 0 or fa.norm_factor >= 1, "faults.norm_factor",
+           f"must be 0 (off) or >= 1; got {fa.norm_factor}")
+    dp = cfg.dp
+    _check(dp.noise_multiplier >= 0, "dp.noise_multiplier", f"must be >= 0; got {dp.noise_multiplier}")
+    _check(dp.clip_norm > 0, "dp.clip_norm", f"must be > 0; got {dp.clip_norm}")
+    _check(0 < dp.delta < 1, "dp.delta", f"must be in (0, 1); got {dp.delta}")
+    h = cfg.hetero
+    _check(h.num_tiers >= 1, "hetero.num_tiers", f"must be >= 1; got {h.num_tiers}")
+    if h.mode == "rank":
+        _check(m.lora_rank >= 4 ** (h.num_tiers - 1), "hetero.num_tiers",
+               f"needs model.lora_rank >= 4^(num_tiers-1) = {4 ** (h.num_tiers - 1)}; got rank {m.lora_rank}")
+        _check(k.download_mode == "weights", "comm.download_mode", "must be 'weights' with hetero.mode = 'rank'")
     _check(cfg.eval.batch_size >= 1, "eval.batch_size", f"must be >= 1; got {cfg.eval.batch_size}")
 
 

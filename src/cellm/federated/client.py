@@ -11,7 +11,7 @@ from cellm.core.codec import CodecError, CodecSpec, decode
 from cellm.core.feedback import compress
 from cellm.data.types import Split
 from cellm.federated.seeds import BATCHES, DROPOUT, derive
-from cellm.models.flat import FlatView
+from cellm.models.flat import FlatView, rank_support
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,7 @@ class ClientTask:
     download_mode: str = "weights"  # "weights": start from the download; "delta": add it to the kept copy
     client_freeze: bool = False
     error_feedback: bool = False
+    support_rank: int = 0  # rank tier: train and send only the first r ranks (0 = all)
 
 
 @dataclass
@@ -126,6 +127,9 @@ def client_update(
     else:
         start = received
     grad_mask = (start != 0) if task.client_freeze else None
+    if task.support_rank:
+        support = rank_support(flat, task.support_rank)
+        grad_mask = support if grad_mask is None else grad_mask & support
     trained, loss = local_train(model, flat, start, data, spec, seed=seed, round_=task.round,
                                 client=task.client, grad_mask=grad_mask)
     delta = start - trained  # a negative update: the server steps along -delta

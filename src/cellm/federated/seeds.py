@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-SAMPLING, BATCHES, DROPOUT = 1, 2, 3
+SAMPLING, BATCHES, DROPOUT, DP_NOISE = 1, 2, 3, 4
 
 
 def derive(seed: int, round_: int, client: int, stream: int) -> int:

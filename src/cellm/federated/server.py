@@ -14,14 +14,15 @@ import torch
 from cellm.config import CellmConfig
 from cellm.core.aggregate import aggregate
 from cellm.core.codec import CodecError, CodecSpec, decode
+from cellm.core.dp import private_mean
 from cellm.core.feedback import compress
 from cellm.core.ledger import Ledger
 from cellm.core.schedule import density_at
 from cellm.core.server_opt import ServerOptSpec, server_step
 from cellm.core.sparse import SparseVector
-from cellm.core.topk import topk_mask
+from cellm.core.topk import num_kept, topk_mask
 from cellm.federated.client import ClientReply, ClientTask, TrainSpec
-from cellm.federated.seeds import sample_clients
+from cellm.federated.seeds import DP_NOISE, derive, sample_clients
 
 
 def codec_spec(cfg: CellmConfig, direction: str) -> CodecSpec:
@@ -47,6 +48,28 @@ def densities(cfg: CellmConfig, round_: int) -> tuple[float, float]:
     k = cfg.comm
     return (density_at(k.down_density, k.down_decay, k.decay_every, round_),
             density_at(k.up_density, k.up_decay, k.decay_every, round_))
+
+
+def tier_of(cfg: CellmConfig, client: int) -> int | None:
+    """Client c is in tier c % num_tiers (None without tiers). Tier 0 is the smallest budget."""
+    return None if cfg.hetero.mode == "none" else client % cfg.hetero.num_tiers
+
+
+def tier_factor(cfg: CellmConfig, tier: int) -> float:
+    return 4.0 ** -(cfg.hetero.num_tiers - 1 - tier)
+
+
+def tier_rank(cfg: CellmConfig, tier: int) -> int:
+    return max(1, int(cfg.model.lora_rank * tier_factor(cfg, tier)))
+
+
+def client_densities(cfg: CellmConfig, round_: int, client: int) -> tuple[float, float]:
+    d_down, d_up = densities(cfg, round_)
+    tier = tier_of(cfg, client)
+    if tier is not None and cfg.hetero.mode == "density":
+        f = tier_factor(cfg, tier)
+        return d_down * f, d_up * f
+    return d_down, d_up
 
 
 @dataclass
@@ -75,21 +98,25 @@ class ServerState:
                    client_copies={int(k): v for k, v in s["client_copies"].items()})
 
 
-def download_mask(state: ServerState, cfg: CellmConfig, round_: int) -> torch.Tensor | None:
-    """The download support M for ``round_`` (None = dense): top-k of |w|, or the frozen mask."""
+def download_mask(state: ServerState, cfg: CellmConfig, round_: int, d_down: float | None = None,
+                  support: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The download support M for ``round_`` (None = dense): top-k of |w| (within ``support``), or the frozen mask."""
     if state.frozen_mask is not None:
-        return state.frozen_mask
+        return state.frozen_mask if support is None else state.frozen_mask & support
     if cfg.comm.freeze_mask_after and round_ <= cfg.comm.freeze_mask_after:
-        return None  # pruned LoRA: dense rounds until the mask is frozen
-    d_down, _ = densities(cfg, round_)
+        return support  # pruned LoRA: dense rounds until the mask is frozen
+    if d_down is None:
+        d_down, _ = densities(cfg, round_)
+    w = state.w if support is None else torch.where(support, state.w, torch.zeros_like(state.w))
     if d_down >= 1.0:
-        return None
-    return topk_mask(state.w, d_down)
+        return support
+    return topk_mask(w, d_down) if support is None else topk_mask(w, d_down) & support
 
 
-def masked_weights(state: ServerState, cfg: CellmConfig, round_: int) -> torch.Tensor:
+def masked_weights(state: ServerState, cfg: CellmConfig, round_: int, d_down: float | None = None,
+                   support: torch.Tensor | None = None) -> torch.Tensor:
     """What clients start from in ``round_`` in weights mode, and what evaluation sees: w * M."""
-    m = download_mask(state, cfg, round_)
+    m = download_mask(state, cfg, round_, d_down, support)
     return state.w.clone() if m is None else state.w * m
 
 
@@ -102,33 +129,38 @@ class RoundPlan:
     tasks: dict[int, ClientTask]
 
 
-def plan_round(state: ServerState, cfg: CellmConfig) -> RoundPlan:
-    """Sample clients and build each one's encoded download; the ledger counts every download sent."""
+def plan_round(state: ServerState, cfg: CellmConfig,
+               supports: dict[int, torch.Tensor] | None = None) -> RoundPlan:
+    """Sample clients and build each one's encoded download; the ledger counts every download sent.
+
+    ``supports`` maps a rank tier to its boolean support over the flat vector (hetero.mode = "rank").
+    """
     t = state.round + 1
     d_down, d_up = densities(cfg, t)
     clients = sample_clients(cfg.seed, t, cfg.data.num_clients, cfg.fl.clients_per_round)
     spec_down, spec_up = codec_spec(cfg, "down"), codec_spec(cfg, "up")
     tasks: dict[int, ClientTask] = {}
-    shared: tuple[bytes, int] | None = None
+    shared: dict[int | None, tuple[bytes, int]] = {}  # weights mode: one payload per tier
     for c in clients:
+        tier = tier_of(cfg, c)
+        cd_down, cd_up = client_densities(cfg, t, c)
+        support = supports.get(tier) if (supports and tier is not None) else None
         if cfg.comm.download_mode == "delta":
             copy = state.client_copies.get(c, torch.zeros_like(state.w))
-            mask = state.frozen_mask
-            payload, received, _ = compress(state.w - copy, d_down, spec_down,
-                                            support=mask)
+            payload, received, _ = compress(state.w - copy, cd_down, spec_down, support=state.frozen_mask)
             state.client_copies[c] = copy + received.to_dense()
             nnz = received.k
         else:
-            if shared is None:
-                mask = download_mask(state, cfg, t)
-                sv = SparseVector.from_dense(state.w) if mask is None else SparseVector.from_mask(state.w, mask)
-                payload, received, _ = compress(sv.to_dense(), 1.0, spec_down)
-                shared = (payload, received.k)
-            payload, nnz = shared
-        state.ledger.record(t, "down", len(payload), nnz)
-        tasks[c] = ClientTask(round=t, client=c, download=payload, up_density=d_up, codec_up=spec_up,
+            if tier not in shared:
+                start = masked_weights(state, cfg, t, cd_down, support)
+                payload, received, _ = compress(start, 1.0, spec_down)
+                shared[tier] = (payload, received.k)
+            payload, nnz = shared[tier]
+        state.ledger.record(t, "down", len(payload), nnz, tier=None if tier is None else str(tier))
+        tasks[c] = ClientTask(round=t, client=c, download=payload, up_density=cd_up, codec_up=spec_up,
                               download_mode=cfg.comm.download_mode, client_freeze=cfg.comm.client_freeze,
-                              error_feedback=cfg.comm.error_feedback_up)
+                              error_feedback=cfg.comm.error_feedback_up,
+                              support_rank=tier_rank(cfg, tier) if support is not None else 0)
     return RoundPlan(t, clients, d_down, d_up, tasks)
 
 
@@ -136,39 +168,65 @@ def plan_round(state: ServerState, cfg: CellmConfig) -> RoundPlan:
 class RoundOutcome:
     accepted: list[int]
     rejected: dict[int, str]
+    missing: dict[int, str]
     train_loss: float
     applied: bool
 
 
-def check_upload(payload: bytes, n: int) -> SparseVector:
+def check_upload(payload: bytes, n: int, max_k: int | None = None) -> SparseVector:
     """Strictly decode one client's upload; any defect raises CodecError before it can reach the model."""
     sv = decode(payload, max_n=n, expected_n=n)
     if not bool(torch.isfinite(sv.values).all()):
         raise CodecError("upload has non-finite values")
+    if max_k is not None and sv.k > max_k:
+        raise CodecError(f"upload has {sv.k} entries, more than the {max_k} its density allows")
     return sv
 
 
-def finish_round(state: ServerState, cfg: CellmConfig, plan: RoundPlan,
-                 replies: dict[int, ClientReply]) -> RoundOutcome:
-    """Decode and check every reply, aggregate the good ones, step the server optimizer, advance the round."""
+def finish_round(state: ServerState, cfg: CellmConfig, plan: RoundPlan, replies: dict[int, ClientReply],
+                 missing: dict[int, str] | None = None) -> RoundOutcome:
+    """Decode and check every reply, aggregate the good ones, step the server optimizer, advance the round.
+
+    A reply that fails decoding, has non-finite values, more entries than its density allows, or (with
+    faults.norm_factor) a norm far above the round's median is rejected: counted, never applied. A round with
+    no accepted reply leaves the model unchanged.
+    """
     t = plan.round
     n = state.w.numel()
     good: list[tuple[int, SparseVector, ClientReply]] = []
     rejected: dict[int, str] = {}
     for c in sorted(replies):
         reply = replies[c]
+        tier = tier_of(cfg, c)
         try:
-            sv = check_upload(reply.payload, n)
+            if c not in plan.tasks:
+                raise CodecError(f"client {c} was not sampled this round")
+            sv = check_upload(reply.payload, n, num_kept(n, plan.tasks[c].up_density))
         except CodecError as exc:
-            state.ledger.record(t, "up", len(reply.payload), 0)
+            state.ledger.record(t, "up", len(reply.payload), 0, tier=None if tier is None else str(tier))
             rejected[c] = str(exc)
             continue
-        state.ledger.record(t, "up", len(reply.payload), sv.k)
+        state.ledger.record(t, "up", len(reply.payload), sv.k, tier=None if tier is None else str(tier))
         good.append((c, sv, reply))
+    if cfg.faults.norm_factor > 0 and len(good) >= 3:
+        norms = torch.tensor([float(torch.linalg.vector_norm(sv.values)) for _, sv, _ in good])
+        limit = cfg.faults.norm_factor * float(norms.median())
+        kept = []
+        for (c, sv, r), nrm in zip(good, norms.tolist(), strict=True):
+            if nrm > limit:
+                rejected[c] = f"upload norm {nrm:.3g} exceeds {cfg.faults.norm_factor:g} x the round median"
+            else:
+                kept.append((c, sv, r))
+        good = kept
     applied = False
     if good:
-        weights = [r.num_examples for _, _, r in good] if cfg.fl.aggregation == "weighted" else None
-        grad = aggregate([sv for _, sv, _ in good], weights)
+        deltas = [sv for _, sv, _ in good]
+        if cfg.dp.noise_multiplier > 0:
+            gen = torch.Generator().manual_seed(derive(cfg.seed, t, -1, DP_NOISE))
+            grad = private_mean(deltas, cfg.dp.clip_norm, cfg.dp.noise_multiplier, gen)
+        else:
+            weights = [r.num_examples for _, _, r in good] if cfg.fl.aggregation == "weighted" else None
+            grad = aggregate(deltas, weights)
         state.w, state.opt_state = server_step(state.w, grad, state.opt_state, server_opt_spec(cfg))
         applied = True
     if cfg.comm.freeze_mask_after and t == cfg.comm.freeze_mask_after and state.frozen_mask is None:
@@ -177,4 +235,4 @@ def finish_round(state: ServerState, cfg: CellmConfig, plan: RoundPlan,
     state.round = t
     losses = [r.train_loss for _, _, r in good]
     loss = sum(losses) / len(losses) if losses else math.nan
-    return RoundOutcome([c for c, _, _ in good], rejected, loss, applied)
+    return RoundOutcome([c for c, _, _ in good], rejected, dict(missing or {}), loss, applied)

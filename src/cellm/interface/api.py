@@ -13,10 +13,11 @@ import torch
 
 from cellm.config import CellmConfig, load_config
 from cellm.errors import ConfigError
+from cellm.federated.client import ClientState
 from cellm.federated.server import ServerState, masked_weights
 from cellm.interface import runfolder as rf
 from cellm.models.evaluate import primary_metric
-from cellm.runtime.embedded import Setup, load_setup, simulate
+from cellm.runtime.embedded import Setup, Simulator, load_setup, simulate
 
 
 @dataclass
@@ -138,14 +139,49 @@ class RunRecorder:
         return result
 
 
-def _execute(cfg: CellmConfig, setup: Setup, out_dir: Path | None, progress: bool) -> RunResult:
+def _execute(cfg: CellmConfig, setup: Setup, out_dir: Path | None, progress: bool,
+             checkpoint: dict[str, Any] | None = None) -> RunResult:
     metric, _ = primary_metric(setup.lm.task)
     rec = RunRecorder(cfg, out_dir, metric, progress)
+    sim = Simulator(cfg, setup)
+    state = None
+    if checkpoint is not None:
+        state = ServerState.from_state_dict(checkpoint["server"])
+        sim.client_states = {int(c): ClientState(**v) for c, v in checkpoint["clients"].items()}
+        if rec.bar is not None:
+            rec.bar.n = state.round
+
+    def on_round(st: ServerState, row: dict[str, Any]) -> None:
+        rec.on_round(st, row)
+        every = cfg.run.checkpoint_every
+        if out_dir is not None and every and (st.round % every == 0 or st.round == cfg.rounds):
+            rf.save_checkpoint(out_dir, {
+                "format": 1, "config": cfg.to_toml(), "server": st.state_dict(),
+                "clients": {str(c): {"residual": v.residual, "copy": v.copy} for c, v in sim.client_states.items()},
+            })
+
     try:
-        state = simulate(cfg, setup, on_round=rec.on_round)
+        state = simulate(cfg, setup, state=state, on_round=on_round, sim=sim)
     finally:
         rec.close()
     return rec.finish(state, setup)
+
+
+def resume(out: str | Path, *, progress: bool = False) -> RunResult:
+    """Continue the run in ``out`` from its last checkpoint; the result equals an uninterrupted run's."""
+    out_dir = Path(out)
+    if not (out_dir / rf.CHECKPOINT).exists():
+        raise ConfigError(f"cannot resume: {out_dir / rf.CHECKPOINT} not found (run.checkpoint_every = 0, "
+                          "or the run stopped before its first checkpoint)")
+    cfg = load_config(out_dir / rf.CONFIG)
+    try:
+        ckpt = rf.load_checkpoint(out_dir)
+    except Exception as exc:  # a torn or foreign file: say which
+        raise ConfigError(f"cannot resume: checkpoint {out_dir / rf.CHECKPOINT} is unreadable ({exc})") from None
+    if ckpt.get("config") != cfg.to_toml():
+        raise ConfigError(f"cannot resume: {out_dir / rf.CONFIG} differs from the config in the checkpoint")
+    setup = load_setup(cfg)
+    return _execute(cfg, setup, out_dir, progress, checkpoint=ckpt)
 
 
 def summary(result: RunResult) -> dict[str, Any]:

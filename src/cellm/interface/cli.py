@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cellm.errors import CellmError
+from cellm.errors import CellmError, ConfigError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -17,6 +17,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="Override one field, e.g. --set comm.up_density=0.25 (repeatable).")
     r.add_argument("--out", help="Run folder (default runs/<model>-<data>-<time>).")
+    r.add_argument("--resume", metavar="DIR", help="Continue the run in DIR from its last checkpoint.")
     r.add_argument("--no-progress", action="store_true", help="No progress bar.")
     sub.add_parser("presets", help="List presets.")
     c = sub.add_parser("config", help="Print the resolved config, or every field with its help.")
@@ -29,10 +30,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     from cellm.config import load_config
-    from cellm.interface.api import run, summary
+    from cellm.interface.api import resume, run, summary
 
-    cfg = load_config(args.config, preset=args.preset, overrides=args.overrides)
-    result = run(cfg, args.out, progress=not args.no_progress)
+    if args.resume:
+        if args.config or args.preset or args.overrides or args.out:
+            raise ConfigError("--resume DIR takes the config from DIR; drop --config/--preset/--set/--out")
+        result = resume(args.resume, progress=not args.no_progress)
+    else:
+        cfg = load_config(args.config, preset=args.preset, overrides=args.overrides)
+        result = run(cfg, args.out, progress=not args.no_progress)
     s = summary(result)
     print(f"run folder: {result.out_dir}")
     print(f"{s['metric']}: {s['initial']:.4f} at round 0 -> {s['final']:.4f} after {s['rounds']} rounds")

@@ -55,3 +55,18 @@ class FlatView:
             if predicate(name):
                 mask[a:b] = True
         return mask
+
+
+def rank_support(flat: FlatView, keep: int) -> torch.Tensor:
+    """Entries of the first ``keep`` LoRA ranks (rows of A, columns of B) plus every non-LoRA tensor (the head)."""
+    mask = torch.ones(flat.numel, dtype=torch.bool)
+    for (name, a, b), shape in zip(flat.segments(), flat.shapes, strict=True):
+        if "lora_A" in name:
+            m = torch.zeros(shape, dtype=torch.bool)
+            m[:keep, :] = True
+            mask[a:b] = m.reshape(-1)
+        elif "lora_B" in name:
+            m = torch.zeros(shape, dtype=torch.bool)
+            m[:, :keep] = True
+            mask[a:b] = m.reshape(-1)
+    return mask

@@ -14,19 +14,24 @@ from typing import Any
 import torch
 
 from cellm.config import CellmConfig
+from cellm.core.dp import epsilon as dp_epsilon
 from cellm.data import load_federated
 from cellm.data.types import FederatedData
 from cellm.federated.client import ClientReply, ClientState, client_update
+from cellm.federated.faults import arrivals
 from cellm.federated.server import (
     RoundOutcome,
     ServerState,
+    densities,
     finish_round,
     masked_weights,
     plan_round,
+    tier_factor,
+    tier_rank,
     train_spec,
 )
 from cellm.models.evaluate import evaluate
-from cellm.models.flat import FlatView
+from cellm.models.flat import FlatView, rank_support
 from cellm.models.registry import MODELS, LoadedModel, load_model
 
 
@@ -59,6 +64,26 @@ def evaluate_vector(setup: Setup, vec: torch.Tensor, cfg: CellmConfig) -> dict[s
     return evaluate(setup.lm.model, setup.data.test, setup.lm.task, cfg.eval.batch_size)
 
 
+def tier_supports(cfg: CellmConfig, flat: FlatView) -> dict[int, torch.Tensor] | None:
+    if cfg.hetero.mode != "rank":
+        return None
+    return {i: rank_support(flat, tier_rank(cfg, i)) for i in range(cfg.hetero.num_tiers)}
+
+
+def evaluate_state(setup: Setup, state: ServerState, cfg: CellmConfig, round_: int) -> dict[str, float]:
+    """The global masked model's metrics, plus each tier's own masked model when clients are tiered."""
+    out = evaluate_vector(setup, masked_weights(state, cfg, round_), cfg)
+    if cfg.hetero.mode != "none":
+        supports = tier_supports(cfg, setup.flat) or {}
+        d_down, _ = densities(cfg, round_)
+        for i in range(cfg.hetero.num_tiers):
+            dd = d_down * tier_factor(cfg, i) if cfg.hetero.mode == "density" else d_down
+            vec = masked_weights(state, cfg, round_, dd, supports.get(i))
+            for k, v in evaluate_vector(setup, vec, cfg).items():
+                out[f"tier{i}.{k}"] = v
+    return out
+
+
 @dataclass
 class Simulator:
     """Holds the per-client state that clients keep between rounds (only when a mode needs it)."""
@@ -67,10 +92,16 @@ class Simulator:
     setup: Setup
     client_states: dict[int, ClientState] = field(default_factory=dict)
 
-    def run_clients(self, plan) -> dict[int, ClientReply]:
+    def supports(self) -> dict[int, torch.Tensor] | None:
+        """Rank tiers' supports over the flat vector (None unless hetero.mode = 'rank')."""
+        return tier_supports(self.cfg, self.setup.flat)
+
+    def run_clients(self, plan, arrived: list[int]) -> dict[int, ClientReply]:
+        """Train the clients that will reply in time. Failed and late clients do no work here, so their kept
+        state (residuals) does not move: in effect their round never happened."""
         spec = train_spec(self.cfg)
         replies = {}
-        for c in plan.clients:
+        for c in arrived:
             st = self.client_states.get(c, ClientState())
             reply, new_state = client_update(self.setup.lm.model, self.setup.flat, self.setup.data.clients[c],
                                              plan.tasks[c], spec, st, seed=self.cfg.seed)
@@ -80,15 +111,17 @@ class Simulator:
         return replies
 
     def round(self, state: ServerState) -> RoundOutcome:
-        plan = plan_round(state, self.cfg)
-        replies = self.run_clients(plan)
-        return finish_round(state, self.cfg, plan, replies)
+        plan = plan_round(state, self.cfg, self.supports())
+        fa = self.cfg.faults
+        arrived, failed, late = arrivals(self.cfg.seed, plan.round, plan.clients, fa.failure_prob,
+                                         fa.deadline_s, fa.client_time_s, fa.time_sigma)
+        replies = self.run_clients(plan, arrived)
+        missing = {c: "failed" for c in failed} | {c: "late" for c in late}
+        return finish_round(state, self.cfg, plan, replies, missing)
 
 
 def metrics_row(state: ServerState, outcome: RoundOutcome | None, wall_s: float, round_s: float,
                 eval_metrics: dict[str, float] | None, cfg: CellmConfig) -> dict[str, Any]:
-    from cellm.federated.server import densities
-
     t = state.round
     row: dict[str, Any] = {"round": t}
     row.update(state.ledger.round_totals(t))
@@ -97,9 +130,15 @@ def metrics_row(state: ServerState, outcome: RoundOutcome | None, wall_s: float,
     row["d_down"], row["d_up"] = d_down, d_up
     row["train_loss"] = None if outcome is None or outcome.train_loss != outcome.train_loss else outcome.train_loss
     if outcome is not None:
-        row["clients"] = outcome.accepted + sorted(outcome.rejected)
+        row["clients"] = sorted(outcome.accepted + list(outcome.rejected) + list(outcome.missing))
+        row["accepted"] = len(outcome.accepted)
         row["rejected"] = len(outcome.rejected)
+        row["failed"] = sum(1 for v in outcome.missing.values() if v == "failed")
+        row["late"] = sum(1 for v in outcome.missing.values() if v == "late")
         row["applied"] = outcome.applied
+    if cfg.dp.noise_multiplier > 0:
+        row["epsilon"] = dp_epsilon(cfg.dp.noise_multiplier, cfg.fl.clients_per_round / cfg.data.num_clients,
+                                    t, cfg.dp.delta)
     row["wall_s"] = round(wall_s, 3)
     row["round_s"] = round(round_s, 3)
     if eval_metrics is not None:
@@ -116,7 +155,7 @@ def simulate(cfg: CellmConfig, setup: Setup, state: ServerState | None = None,
         state = ServerState(w=setup.flat.get())
     sim = sim or Simulator(cfg, setup)
     if state.round == 0 and not state.metrics:
-        ev = evaluate_vector(setup, masked_weights(state, cfg, 1), cfg)
+        ev = evaluate_state(setup, state, cfg, 1)
         row = metrics_row(state, None, time.perf_counter() - t0, 0.0, ev, cfg)
         state.metrics.append(row)
         if on_round:
@@ -128,7 +167,7 @@ def simulate(cfg: CellmConfig, setup: Setup, state: ServerState | None = None,
         t = state.round
         ev = None
         if t % cfg.fl.eval_every == 0 or t == cfg.rounds:
-            ev = evaluate_vector(setup, masked_weights(state, cfg, t + 1), cfg)
+            ev = evaluate_state(setup, state, cfg, t + 1)
         now = time.perf_counter()
         row = metrics_row(state, outcome, offset + now - t0, now - r0, ev, cfg)
         state.metrics.append(row)
