@@ -1,0 +1,104 @@
+"""Federated datasets for cellm, built from pip-installed corpora (no network) and cached tokenized on disk.
+
+``load_federated`` is the one entry point: it validates the settings, serves the cache when it can and
+otherwise reads, splits and tokenizes the named dataset.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from cellm.data.bbc import load_bbc
+from cellm.data.cache import load_or_build
+from cellm.data.chitchat import load_chitchat
+from cellm.data.errors import DataConfigError
+from cellm.data.partition import subsample
+from cellm.data.shakespeare import load_shakespeare
+from cellm.data.types import FederatedData, Split
+from cellm.errors import ConfigError
+
+DATASETS = ("bbc", "shakespeare", "chitchat")
+
+__all__ = ["DATASETS", "DataConfigError", "FederatedData", "Split", "load_federated"]
+
+
+def load_federated(
+    name: str,
+    tokenizer: Any,
+    tokenizer_id: str,
+    *,
+    num_clients: int,
+    seq_len: int,
+    min_client_size: int,
+    dirichlet_alpha: float = 0.5,
+    test_fraction: float = 0.2,
+    max_test_examples: int | None = None,
+    seed: int = 0,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> FederatedData:
+    """The federated split of dataset ``name`` (one of DATASETS), tokenized with ``tokenizer``.
+
+    ``tokenizer`` is a Hugging Face tokenizer with ``pad_token`` set; ``tokenizer_id`` names it in the
+    cache key (it must change whenever the tokenizer does). ``dirichlet_alpha`` and ``test_fraction`` apply
+    to bbc only; the language-modelling datasets hold out a fixed share of speakers/senders instead.
+    ``max_test_examples`` (None or 0: no cap) keeps a seed-determined subset of the test split.
+    ``cache_dir`` None disables the on-disk cache.
+    """
+    if name not in DATASETS:
+        raise ConfigError(f"config field 'data.name' must be one of {', '.join(DATASETS)}; got {name!r}")
+    _check(num_clients >= 1, "data.num_clients", f"must be >= 1; got {num_clients}")
+    _check(seq_len >= 2, "data.seq_len", f"must be >= 2; got {seq_len}")
+    _check(min_client_size >= 1, "data.min_client_size", f"must be >= 1; got {min_client_size}")
+    _check(dirichlet_alpha > 0, "data.dirichlet_alpha", f"must be > 0; got {dirichlet_alpha}")
+    _check(0.0 < test_fraction < 1.0, "data.test_fraction", f"must be in (0, 1); got {test_fraction}")
+    _check(max_test_examples is None or max_test_examples >= 0, "data.max_test_examples",
+           f"must be >= 0; got {max_test_examples}")
+    cap = max_test_examples or None
+    bbc = name == "bbc"
+    fields = {  # everything that changes the result; bbc-only settings are None elsewhere (no needless misses)
+        "dataset": name,
+        "tokenizer": tokenizer_id,
+        "seq_len": seq_len,
+        "num_clients": num_clients,
+        "min_client_size": min_client_size,
+        "dirichlet_alpha": float(dirichlet_alpha) if bbc else None,
+        "test_fraction": float(test_fraction) if bbc else None,
+        "seed": seed,
+        "max_test_examples": cap,
+    }
+
+    def build() -> FederatedData:
+        data = _LOADERS[name](tokenizer, num_clients=num_clients, seq_len=seq_len,
+                              min_client_size=min_client_size, dirichlet_alpha=dirichlet_alpha,
+                              test_fraction=test_fraction, seed=seed)
+        # Separate stream from the split's, so capping never changes which examples the clients get.
+        keep = subsample(len(data.test), cap, np.random.default_rng([seed, 1]))
+        if len(keep) < len(data.test):
+            data.test = data.test.subset(keep)
+        return data
+
+    return load_or_build(cache_dir, name, fields, build)
+
+
+def _check(ok: bool, field: str, msg: str) -> None:
+    if not ok:
+        raise DataConfigError(f"config field '{field}' {msg}")
+
+
+def _lm(loader: Callable[..., FederatedData]) -> Callable[..., FederatedData]:
+    def load(tokenizer: Any, *, dirichlet_alpha: float, test_fraction: float, **kw: Any) -> FederatedData:
+        del dirichlet_alpha, test_fraction  # bbc-only settings
+        return loader(tokenizer, **kw)
+
+    return load
+
+
+_LOADERS: dict[str, Callable[..., FederatedData]] = {
+    "bbc": load_bbc,
+    "shakespeare": _lm(load_shakespeare),
+    "chitchat": _lm(load_chitchat),
+}

@@ -1,0 +1,10 @@
+"""Data-layer errors: user-fixable (a CellmError, so the CLI prints one line) and also a ValueError."""
+
+from cellm.errors import ConfigError
+
+
+class DataConfigError(ConfigError, ValueError):
+    """The requested split cannot be built from the data (too many clients, too large min_client_size, ...).
+
+    It subclasses ValueError as well so callers outside the CLI can catch it the ordinary way.
+    """
