@@ -1,0 +1,50 @@
+"""What the sender chooses: value precision, position scheme, int8 block size and zstd level."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+VALUE_CHOICES = ("fp32", "fp16", "bf16", "int8")
+POSITION_CHOICES = ("auto", "bitmap", "gaps", "golomb")  # "golomb" is the gap code's own name for "gaps"
+SCALE_CHOICES = ("fp32", "fp16")
+MAX_BLOCK_SIZE = 1 << 24
+MAX_ZSTD_LEVEL = 22
+
+
+@dataclass(frozen=True)
+class CodecSpec:
+    """How to encode one message. The receiver needs none of it: every choice is recorded in the header.
+
+    ``positions="auto"`` codes the positions with whichever of bitmap and Golomb gaps is smaller for this message;
+    a dense message (k == N) always uses the zero-byte "dense" scheme. ``block_size`` and ``scales`` only matter
+    for ``values="int8"``. ``zstd_level`` 0 means no zstd; 1..22 compresses the body and keeps the result only
+    when it is smaller. Lossy value schemes and their error bounds are in values.py; a value that fp16 (or bf16)
+    cannot represent makes encode raise ValueError rather than send inf.
+    """
+
+    values: str = "fp32"
+    positions: str = "auto"
+    block_size: int = 256
+    zstd_level: int = 0
+    scales: str = "fp32"
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field."""
+        if self.values not in VALUE_CHOICES:
+            raise ValueError(f"CodecSpec.values must be one of {VALUE_CHOICES}, got {self.values!r}")
+        if self.positions not in POSITION_CHOICES:
+            raise ValueError(f"CodecSpec.positions must be one of {POSITION_CHOICES}, got {self.positions!r}")
+        if not _is_int(self.block_size) or not 1 <= self.block_size <= MAX_BLOCK_SIZE:
+            raise ValueError(
+                f"CodecSpec.block_size must be an int in [1, {MAX_BLOCK_SIZE}], got {self.block_size!r}"
+            )
+        if not _is_int(self.zstd_level) or not 0 <= self.zstd_level <= MAX_ZSTD_LEVEL:
+            raise ValueError(
+                f"CodecSpec.zstd_level must be an int in [0, {MAX_ZSTD_LEVEL}], got {self.zstd_level!r}"
+            )
+        if self.scales not in SCALE_CHOICES:
+            raise ValueError(f"CodecSpec.scales must be one of {SCALE_CHOICES}, got {self.scales!r}")
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
