@@ -1,0 +1,297 @@
+"""cellm on Flower: same adapter and ledger as the embedded engine; a TLS + authenticated loopback deployment.
+
+Skipped only when Flower is not installed (``pip install 'cellm[flower]'``; ``make test`` installs it).
+Every process a test starts runs in its own process group and is stopped (TERM, then KILL) even on failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+flwr = pytest.importorskip("flwr", reason="Flower is not installed: pip install 'cellm[flower]' (make test does)")
+
+import torch  # noqa: E402
+
+import cellm  # noqa: E402
+from cellm.runtime.flower import protocol as P  # noqa: E402
+
+BIN = Path(sys.executable).parent
+LEDGER_KEYS = ("round", "down_bytes", "down_nonzeros", "down_messages", "up_bytes", "up_nonzeros", "up_messages",
+               "cum_bytes", "clients", "rejected", "applied", "eval", "train_loss", "d_down", "d_up")
+
+
+@pytest.fixture(scope="module")
+def flower_env(tmp_path_factory):
+    """Flower, Ray and torch settings for this module (one torch thread per process), restored afterwards."""
+    home = tmp_path_factory.mktemp("flwr")
+    env = {"FLWR_HOME": str(home / "flwr-home"), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_TMPDIR": str(home / "ray"), "CELLM_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1",
+           "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    (home / "ray").mkdir()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield home
+    torch.set_num_threads(threads)
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def tiny(*overrides: str):
+    return cellm.load_config(preset="tiny", overrides=["rounds=2", *overrides])
+
+
+@pytest.fixture(scope="module")
+def embedded_tiny(flower_env):
+    return cellm.run(tiny(), save=False)
+
+
+def assert_same_run(a, b) -> None:
+    """Bit-identical adapter, identical ledger (every round's bytes, nonzeros, messages) and evaluations."""
+    assert a.adapter.keys() == b.adapter.keys()
+    for k in a.adapter:
+        assert torch.equal(a.adapter[k], b.adapter[k]), f"adapter tensor {k} differs"
+    assert a.totals == b.totals
+    assert len(a.metrics) == len(b.metrics)
+    for ra, rb in zip(a.metrics, b.metrics, strict=True):
+        assert {k: ra.get(k) for k in LEDGER_KEYS} == {k: rb.get(k) for k in LEDGER_KEYS}
+
+
+# ------------------------------------------------------------------ the message format
+
+def test_messages_carry_cellm_payloads_byte_for_byte():
+    from cellm.core.codec import CodecSpec
+    from cellm.federated.client import ClientReply, ClientState, ClientTask
+
+    payload = bytes(range(256)) * 3
+    task = ClientTask(round=4, client=7, download=payload, up_density=0.25, codec_up=CodecSpec(values="int8"),
+                      download_mode="delta", client_freeze=True, error_feedback=True)
+    content = P.task_content(task, "d" * 64)
+    # The array's data is the payload itself: what Flower counts is what cellm's ledger counts (+ the key).
+    assert content.array_records[P.DOWNLOAD].count_bytes() == len(payload) + len("payload")
+    back, digest = P.read_task(content)
+    assert back == task and digest == "d" * 64
+    reply = ClientReply(payload=payload[:100], num_examples=12, train_loss=0.5, nonzeros=9)
+    c, t, r = P.read_reply(P.reply_content(reply, 7, 4))
+    assert (c, t) == (7, 4) and r == reply
+    st = ClientState(residual=torch.randn(50), copy=None)
+    st2 = P.read_state(P.state_record(st))
+    assert torch.equal(st2.residual, st.residual) and st2.copy is None
+    with pytest.raises(P.ProtocolError):
+        P.array_payload(flwr.app.Array(torch.zeros(3)))
+
+
+def test_node_config_selects_clients():
+    assert P.served_clients({"partition-id": 1, "num-partitions": 3}, 10) == [1, 4, 7]
+    assert P.served_clients({"cellm-clients": "5, 2,2"}, 10) == [2, 5]
+    for bad in ({}, {"partition-id": 3, "num-partitions": 3}, {"cellm-clients": "11"}, {"cellm-clients": "x"}):
+        with pytest.raises(P.ProtocolError):
+            P.served_clients(bad, 10)
+
+
+# ------------------------------------------------------------------ equivalence with the embedded engine
+
+class LoopbackGrid:
+    """A Flower Grid in this process: each node is a Context; every message goes through Flower's wire format."""
+
+    def __init__(self, node_configs):
+        from flwr.app import Context, RecordDict
+        from flwr.supercore.task_identity import TaskIdentity
+
+        from cellm.runtime.flower.client_app import app
+
+        TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+        self.app = app
+        self.nodes = {100 + i: Context(run_id=1, node_id=100 + i, node_config=nc, state=RecordDict(), run_config={})
+                      for i, nc in enumerate(node_configs)}
+
+    @staticmethod
+    def wire(content):
+        from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+        from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+
+        objects = {k: v.deflate() for k, v in get_all_nested_objects(content).items()}
+        return inflate_object_from_contents(content.object_id, objects)
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for m in messages:
+            m.content = self.wire(m.content)
+            reply = self.app(m, self.nodes[m.metadata.dst_node_id])
+            reply.content = self.wire(reply.content)
+            replies.append(reply)
+        return replies
+
+
+def test_stateful_clients_on_shared_nodes_match_embedded(flower_env):
+    """Error feedback + delta downloads (client state in context.state), two nodes serving two clients each."""
+    from cellm.runtime.flower.server_app import DriverOptions, run_server
+
+    cfg = tiny("rounds=3", "data.num_clients=4", "comm.error_feedback_up=true", 'comm.download_mode="delta"',
+               'comm.codec_up="int8"')
+    embedded = cellm.run(cfg, save=False)
+    grid = LoopbackGrid([{"partition-id": 0, "num-partitions": 2}, {"cellm-clients": "1,3"}])
+    flower = run_server(grid, cfg, None, DriverOptions(node_wait_s=5))
+    assert_same_run(embedded, flower)
+    assert sorted(grid.nodes[100].state.keys()) == ["cellm.client.0", "cellm.client.2", "cellm.config"]
+    assert sorted(grid.nodes[101].state.keys()) == ["cellm.client.1", "cellm.client.3", "cellm.config"]
+
+
+def test_flower_simulation_matches_embedded(flower_env, embedded_tiny, tmp_path):
+    """Flower's simulation runtime (Ray), tiny preset, 2 rounds, 4 virtual SuperNodes: same adapter and ledger."""
+    from cellm.interface import runfolder as rf
+    from cellm.runtime.flower.sim import run_flower_simulation
+
+    flower = run_flower_simulation(tiny(), tmp_path / "run", num_supernodes=4, workers=2)
+    assert_same_run(embedded_tiny, flower)
+    assert [r["round"] for r in rf.read_metrics(tmp_path / "run")] == [0, 1, 2]
+    assert (tmp_path / "run" / rf.ADAPTER / "adapter_model.safetensors").exists()
+
+
+# ------------------------------------------------------------------ loopback deployment: TLS + SuperNode auth
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+class Processes:
+    """Starts commands in their own process groups; ``stop()`` ends every group it started, bounded in time."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.procs = folder, []
+
+    def start(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        log = open(self.folder / f"{name}.log", "wb")  # noqa: SIM115 (closed in stop)
+        cmd = [str(BIN / cmd[0]), *cmd[1:]]
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                cwd=self.folder, env=child_env())
+        self.procs.append((name, proc, log))
+        return proc
+
+    def log(self, name: str) -> str:
+        return (self.folder / f"{name}.log").read_text(errors="replace")
+
+    def stop(self, timeout: float = 20.0) -> None:
+        for _, proc, _ in reversed(self.procs):
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)  # the group: a node's SuperExec and ClientApp processes too
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + timeout
+        for _, proc, log in self.procs:
+            try:
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # whatever of the group is left (children exit later)
+            except ProcessLookupError:
+                pass
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+            log.close()
+
+
+def child_env() -> dict[str, str]:
+    """Flower starts flower-superexec, flwr-serverapp and flwr-clientapp by name: put this venv first on PATH."""
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def flwr_cli(args: list[str], timeout: float, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "flwr"), *args], capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                          env=child_env())
+
+
+def test_loopback_deployment_tls_and_node_auth(flower_env, embedded_tiny, tmp_path):
+    """SuperLink + 2 authenticated SuperNodes over TLS on 127.0.0.1, 2 rounds: the run trains and matches the
+    embedded engine; a SuperNode whose key is not registered is refused."""
+    from cellm.interface import runfolder as rf
+    from cellm.runtime.flower import deploy as D
+
+    tls = D.make_certificates(tmp_path / "certs")
+    keys = [D.make_node_keys(tmp_path / "keys", f"node{i}") for i in range(2)]
+    intruder_key, _ = D.make_node_keys(tmp_path / "keys", "intruder")
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    D.write_connection(os.environ["FLWR_HOME"], "loop", address, tls.ca_cert)
+    out = tmp_path / "run"
+    rc_file = D.run_config_file(tmp_path / "run-config.toml", tiny().to_toml(), out, node_wait_s=90,
+                                round_timeout_s=120)
+    procs = Processes(tmp_path)
+    try:
+        link = procs.start("superlink", D.superlink_command(address, tls=tls, auth=True,
+                                                             database=tmp_path / "superlink.db"))
+        wait_port(port, link, timeout=30)
+        for _, pub in keys:
+            r = flwr_cli(["supernode", "register", str(pub), "loop"], timeout=30, cwd=tmp_path)
+            assert r.returncode == 0, r.stdout + r.stderr
+        for i, (priv, _) in enumerate(keys):
+            procs.start(f"supernode{i}", D.supernode_command(address, free_port(), f"partition-id={i} num-partitions=2",
+                                                             ca_cert=tls.ca_cert, private_key=priv))
+        intruder = procs.start("intruder", D.supernode_command(address, free_port(), "partition-id=0 num-partitions=2",
+                                                               ca_cert=tls.ca_cert, private_key=intruder_key,
+                                                               max_wait_s=10))
+        run = flwr_cli(D.flwr_run_command("loop", rc_file)[1:], timeout=150, cwd=tmp_path)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+        # The unknown node was refused (and exited); only the two registered nodes exist.
+        assert intruder.wait(timeout=30) != 0
+        assert "Failed to activate SuperNode" in procs.log("intruder")
+        ls = flwr_cli(["supernode", "ls", "loop", "--format", "json"], timeout=30, cwd=tmp_path)
+        assert ls.returncode == 0, ls.stdout + ls.stderr
+        listed = json.loads(ls.stdout)
+        assert len(listed["nodes"]) == 2, listed
+
+        # The authenticated nodes trained: the run folder holds 2 rounds, identical to the embedded engine.
+        rows = rf.read_metrics(out)
+        assert [r["round"] for r in rows] == [0, 1, 2]
+        for ra, rb in zip(embedded_tiny.metrics, rows, strict=True):
+            assert {k: ra.get(k) for k in LEDGER_KEYS} == {k: rb.get(k) for k in LEDGER_KEYS}
+        from safetensors.torch import load_file
+
+        saved = load_file(out / rf.ADAPTER / "adapter_model.safetensors")
+        assert saved.keys() == embedded_tiny.adapter.keys()
+        for k, v in embedded_tiny.adapter.items():
+            assert torch.equal(saved[k], v), f"adapter tensor {k} differs"
+    except BaseException:
+        for name, *_ in procs.procs:
+            print(f"----- {name}.log (tail)\n{procs.log(name)[-4000:]}")
+        raise
+    finally:
+        procs.stop()
+        shutil.rmtree(tmp_path / "keys", ignore_errors=True)
+
