@@ -35,6 +35,7 @@ class ModelConfig:
     lora_alpha: float = _f(16.0, "LoRA alpha; the adapter is scaled by alpha / r.")
     lora_dropout: float = _f(0.0, "Dropout on the LoRA input, in [0, 1).")
     target_modules: list[str] = _f([], "Module names that get LoRA; empty = the model's default (query/value, q_proj/v_proj).")
+    freeze_a: bool = _f(False, "FFA-LoRA: the A matrices stay at their (seeded) initialisation, never trained nor sent.")
 
 
 @dataclass

@@ -27,7 +27,7 @@ def test_two_rounds_of_minilm_on_bbc_and_the_saved_adapter_reproduces_the_last_e
 
     from cellm.data import load_federated
     from cellm.models.evaluate import evaluate
-    from cellm.models.registry import minilm_dir, _minilm_tokenizer
+    from cellm.models.registry import _minilm_tokenizer, minilm_dir
 
     base = AutoModelForSequenceClassification.from_pretrained(str(minilm_dir()), num_labels=5)
     model = PeftModel.from_pretrained(base, str(tmp_path / "run" / "adapter"))

@@ -48,8 +48,8 @@ def test_sparse_messages_carry_the_configured_number_of_nonzeros(tiny_overrides)
     cfg = cellm.load_config(preset="tiny", overrides=tiny_overrides + ["rounds=2", "comm.down_density=0.25",
                                                                         "comm.up_density=0.125"])
     res = cellm.run(cfg, save=False)
-    from cellm.models.registry import load_model
     from cellm.models.flat import FlatView
+    from cellm.models.registry import load_model
 
     n = FlatView(load_model("tiny-bert", lora_rank=4, lora_alpha=8, lora_dropout=0, num_labels=5).model).numel
     for r in res.metrics[1:]:

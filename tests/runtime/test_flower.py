@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -102,6 +103,34 @@ def test_node_config_selects_clients():
     for bad in ({}, {"partition-id": 3, "num-partitions": 3}, {"cellm-clients": "11"}, {"cellm-clients": "x"}):
         with pytest.raises(P.ProtocolError):
             P.served_clients(bad, 10)
+
+
+def test_app_folder_and_cli(tmp_path):
+    """The Flower app folder validates (components importable); the CLI prints a secure deployment."""
+    import argparse
+
+    from flwr.cli.config_utils import load_and_validate
+
+    from cellm.interface import flower_cli
+    from cellm.runtime.flower import APP_DIR
+    from cellm.runtime.flower.server_app import config_from_run_config
+
+    conf, _ = load_and_validate(APP_DIR / "pyproject.toml", check_module=True)
+    defaults = conf["tool"]["flwr"]["app"]["config"]
+    cfg, out, opts = config_from_run_config({**defaults, "preset": "tiny", "set": "rounds=2; comm.up_density=0.25",
+                                             "out": "-"})
+    assert (cfg.rounds, cfg.comm.up_density, out) == (2, 0.25, None)
+    again, _, _ = config_from_run_config({**defaults, "config-toml": cfg.to_toml()})
+    assert again == cfg
+    parser = argparse.ArgumentParser(prog="cellm")
+    flower_cli.add_parser(parser.add_subparsers(dest="command"))
+    text = flower_cli.commands_text("127.0.0.1:9093", 2, str(tmp_path / "certs"), str(tmp_path / "keys"))
+    for needle in ("--enable-supernode-auth", "--ssl-ca-certfile", "flwr supernode register",
+                   "--auth-supernode-private-key", "partition-id=1 num-partitions=2", "cellm flower run"):
+        assert needle in text
+    assert "--insecure" not in text
+    args = parser.parse_args(["flower", "node-key", str(tmp_path / "keys"), "node0"])
+    assert flower_cli.main(args) == 0 and (tmp_path / "keys" / "node0.pub").read_text().startswith("ecdsa-sha2-")
 
 
 # ------------------------------------------------------------------ equivalence with the embedded engine
@@ -203,32 +232,78 @@ class Processes:
     def log(self, name: str) -> str:
         return (self.folder / f"{name}.log").read_text(errors="replace")
 
-    def stop(self, timeout: float = 20.0) -> None:
-        for _, proc, _ in reversed(self.procs):
+    def descendants(self) -> set[int]:
+        """Every live process below the ones started here (Flower detaches some: SuperExec, ServerApp)."""
+        children: dict[int, list[int]] = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
             try:
-                os.killpg(proc.pid, signal.SIGTERM)  # the group: a node's SuperExec and ClientApp processes too
-            except ProcessLookupError:
-                pass
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        found, todo = set(), [p.pid for _, p, _ in self.procs]
+        while todo:
+            for c in children.get(todo.pop(), []):
+                if c not in found:
+                    found.add(c)
+                    todo.append(c)
+        return found
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """TERM every started process group and every descendant, wait (bounded), then KILL what is left."""
+        seen = self.descendants()
+        for _, proc, _ in reversed(self.procs):
+            _signal_group(proc.pid, signal.SIGTERM)
+        for pid in seen:
+            _signal_pid(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        for _, proc, log in self.procs:
+        for _, proc, _ in self.procs:
             try:
                 proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
             except subprocess.TimeoutExpired:
                 pass
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # whatever of the group is left (children exit later)
-            except ProcessLookupError:
-                pass
+        seen |= self.descendants()
+        for _, proc, _ in self.procs:
+            _signal_group(proc.pid, signal.SIGKILL)
+        for pid in seen:
+            _signal_pid(pid, signal.SIGKILL)
+        for _, proc, log in self.procs:
             try:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
             log.close()
+        end = time.monotonic() + 15  # killed grandchildren are reaped by their parents or init: wait, bounded
+        while time.monotonic() < end and any(Path(f"/proc/{pid}").exists() and not _zombie(pid) for pid in seen):
+            time.sleep(0.2)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _signal_pid(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def child_env() -> dict[str, str]:
-    """Flower starts flower-superexec, flwr-serverapp and flwr-clientapp by name: put this venv first on PATH."""
-    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    """Flower starts flower-superexec, flwr-serverapp and flwr-clientapp by name: this venv first on PATH."""
+    from cellm.runtime.flower.deploy import child_env as env
+
+    return env()
 
 
 def flwr_cli(args: list[str], timeout: float, cwd: Path) -> subprocess.CompletedProcess:
@@ -267,6 +342,9 @@ def test_loopback_deployment_tls_and_node_auth(flower_env, embedded_tiny, tmp_pa
                                                                max_wait_s=10))
         run = flwr_cli(D.flwr_run_command("loop", rc_file)[1:], timeout=150, cwd=tmp_path)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        run_id = re.search(r"started run (\d+)", run.stdout).group(1)
+        info = D.run_info("loop", run_id, child_env())
+        assert info["status"] == "finished:completed", info
 
         # The unknown node was refused (and exited); only the two registered nodes exist.
         assert intruder.wait(timeout=30) != 0
@@ -287,6 +365,10 @@ def test_loopback_deployment_tls_and_node_auth(flower_env, embedded_tiny, tmp_pa
         assert saved.keys() == embedded_tiny.adapter.keys()
         for k, v in embedded_tiny.adapter.items():
             assert torch.equal(saved[k], v), f"adapter tensor {k} differs"
+        # Flower's own traffic count holds cellm's payloads plus its envelopes and the setup messages.
+        traffic, totals = info["network-traffic"], embedded_tiny.totals
+        assert traffic["outbound-bytes"] > totals["down_bytes"] and traffic["inbound-bytes"] > totals["up_bytes"]
+        print(f"Flower traffic {traffic} vs cellm ledger {totals}")
     except BaseException:
         for name, *_ in procs.procs:
             print(f"----- {name}.log (tail)\n{procs.log(name)[-4000:]}")

@@ -1,7 +1,6 @@
 import torch
 
 import cellm
-from cellm.federated.server import ServerState
 from cellm.runtime.embedded import Simulator, load_setup, simulate
 
 

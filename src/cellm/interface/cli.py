@@ -19,6 +19,17 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="Run folder (default runs/<model>-<data>-<time>).")
     r.add_argument("--resume", metavar="DIR", help="Continue the run in DIR from its last checkpoint.")
     r.add_argument("--no-progress", action="store_true", help="No progress bar.")
+    cp = sub.add_parser("compare", help="Run several methods on the same data and seeds; write a report.")
+    cp.add_argument("methods", nargs="*", help="Method names (see `cellm methods`), when no --sweep file.")
+    cp.add_argument("--sweep", help="Sweep TOML file (methods, base preset/config, overrides, custom methods).")
+    cp.add_argument("--preset", help="Base preset for methods given on the command line.")
+    cp.add_argument("--config", help="Base config file for methods given on the command line.")
+    cp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    cp.add_argument("--reference", default="dense", help="Method whose final metric sets the target.")
+    cp.add_argument("--slack", type=float, default=0.01, help="Target = reference final - slack (x(1+slack) for perplexity).")
+    cp.add_argument("--out", required=True, help="Sweep folder (re-running it resumes).")
+    cp.add_argument("--jobs", type=int, default=1, help="Methods run in parallel processes.")
+    sub.add_parser("methods", help="List the built-in methods for `cellm compare`.")
     sub.add_parser("presets", help="List presets.")
     c = sub.add_parser("config", help="Print the resolved config, or every field with its help.")
     c.add_argument("--config")
@@ -52,6 +63,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run(args)
+        if args.command == "compare":
+            from cellm.interface.compare import load_sweep, run_sweep, sweep_from_args
+
+            if args.sweep:
+                sweep = load_sweep(args.sweep)
+            else:
+                if not args.methods:
+                    raise ConfigError("cellm compare needs --sweep FILE or method names")
+                sweep = sweep_from_args(args.methods, args.preset, args.config, args.overrides, args.reference,
+                                        args.slack)
+            if args.jobs < 1:
+                raise ConfigError(f"--jobs must be >= 1; got {args.jobs}")
+            print(run_sweep(sweep, args.out, jobs=args.jobs))
+            return 0
+        if args.command == "methods":
+            from cellm.methods import METHODS
+
+            for name, (help_, _) in METHODS.items():
+                print(f"{name:18} {help_}")
+            return 0
         if args.command == "presets":
             from cellm.config import presets
 

@@ -132,7 +132,7 @@ def check_assets(name: str) -> None:
 
 def load_model(name: str, *, lora_rank: int, lora_alpha: float, lora_dropout: float,
                target_modules: list[str] | tuple[str, ...] = (), num_labels: int | None = None,
-               seed: int = 0) -> LoadedModel:
+               seed: int = 0, freeze_a: bool = False) -> LoadedModel:
     """Load a registered base model and attach a LoRA adapter (and a trainable head for classifiers)."""
     from peft import LoraConfig, get_peft_model
 
@@ -159,5 +159,9 @@ def load_model(name: str, *, lora_rank: int, lora_alpha: float, lora_dropout: fl
                 for p in head.parameters():
                     torch.nn.init.normal_(p, std=0.02) if p.dim() > 1 else torch.nn.init.zeros_(p)
         pmodel = get_peft_model(model, lcfg)
+    if freeze_a:  # FFA-LoRA: A is fixed by the seed on every side, so it never needs to travel
+        for name, p in pmodel.named_parameters():
+            if "lora_A" in name:
+                p.requires_grad_(False)
     pmodel.eval()
     return LoadedModel(spec, pmodel, tok)

@@ -50,7 +50,7 @@ def load_setup(cfg: CellmConfig) -> Setup:
     # Load data first with the model's tokenizer; the data decides num_labels of a classifier head.
     lm = load_model(m.name, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
                     target_modules=m.target_modules, num_labels=5 if spec.task == "classification" else None,
-                    seed=cfg.seed)
+                    seed=cfg.seed, freeze_a=m.freeze_a)
     data = load_federated(
         d.name, lm.tokenizer, spec.tokenizer_id, num_clients=d.num_clients, seq_len=d.seq_len,
         min_client_size=d.min_client_size, dirichlet_alpha=d.dirichlet_alpha, test_fraction=d.test_fraction,

@@ -1,0 +1,175 @@
+"""``cellm compare``: run several methods on the same data, seeds and client sampling, then report.
+
+A sweep is a TOML file (or method names on the command line):
+
+    base_preset = "minilm-l6-bbc"          # or base_config = "path.toml"
+    set = ["rounds=60"]                    # overrides applied to every method
+    methods = ["dense", "flasc-1/16", "mine"]
+    reference = "dense"                    # the target comes from its final metric
+    slack = 0.01                           # target = reference final - 0.01 (accuracy) or x1.01 (perplexity)
+    [custom.mine]
+    set = ["comm.up_density=0.1"]
+
+Each method runs in <out>/runs/<method>/ as a normal run folder. A finished method (summary.json present) is
+not run again; a method with a checkpoint is resumed; so a sweep cut short continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tomllib
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cellm.config import CellmConfig, load_config
+from cellm.errors import ConfigError
+from cellm.interface import runfolder as rf
+from cellm.interface.report import build_rows, markdown_table
+from cellm.methods import METHODS, method_overrides
+
+
+@dataclass
+class Sweep:
+    methods: list[str]
+    base_preset: str | None = None
+    base_config: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    reference: str = "dense"
+    slack: float = 0.01
+    custom: dict[str, list[str]] = field(default_factory=dict)
+
+    def base(self) -> CellmConfig:
+        return load_config(self.base_config, preset=self.base_preset, overrides=self.overrides)
+
+    def config_for(self, method: str) -> CellmConfig:
+        base = self.base()
+        extra = self.custom[method] if method in self.custom else method_overrides(method, base)
+        return load_config(self.base_config, preset=self.base_preset, overrides=[*self.overrides, *extra])
+
+
+SWEEP_KEYS = {"methods", "base_preset", "base_config", "set", "reference", "slack", "custom"}
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"sweep file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"sweep file {path} is not valid TOML: {exc}") from None
+    unknown = set(raw) - SWEEP_KEYS
+    if unknown:
+        raise ConfigError(f"unknown sweep key(s) {sorted(unknown)} in {path} (valid: {sorted(SWEEP_KEYS)})")
+    custom = {k: list(v.get("set", [])) for k, v in raw.get("custom", {}).items()}
+    sweep = Sweep(methods=list(raw.get("methods", [])), base_preset=raw.get("base_preset"),
+                  base_config=raw.get("base_config"), overrides=list(raw.get("set", [])),
+                  reference=raw.get("reference", "dense"), slack=float(raw.get("slack", 0.01)), custom=custom)
+    check_sweep(sweep)
+    return sweep
+
+
+def check_sweep(sweep: Sweep) -> None:
+    """Every method resolves to a valid config before anything runs."""
+    if not sweep.methods:
+        raise ConfigError("sweep has no methods")
+    if sweep.reference not in sweep.methods:
+        raise ConfigError(f"sweep reference '{sweep.reference}' is not among its methods {sweep.methods}")
+    for m in sweep.methods:
+        if m not in sweep.custom and m not in METHODS:
+            raise ConfigError(f"unknown method '{m}' (built in: {', '.join(METHODS)}; or define [custom.{m}])")
+        sweep.config_for(m)
+
+
+def method_dir(out: Path, method: str) -> Path:
+    return out / "runs" / method.replace("/", "_")
+
+
+def _status(d: Path) -> str:
+    if (d / rf.SUMMARY).exists():
+        return "done"
+    if (d / rf.CHECKPOINT).exists():
+        return "resume"
+    return "new"
+
+
+def _run_one(cfg_toml: str, out: str, threads: int) -> str:
+    import torch
+
+    torch.set_num_threads(threads)
+    from cellm.interface.api import resume, run
+
+    d = Path(out)
+    status = _status(d)
+    if status == "resume":
+        resume(d)
+    else:
+        if d.exists():
+            shutil.rmtree(d)  # stopped before its first checkpoint: nothing worth keeping
+        import tomllib as _t
+
+        run(load_config(data=_t.loads(cfg_toml)), d)
+    return out
+
+
+def run_sweep(sweep: Sweep, out: str | Path, *, jobs: int = 1, log=print) -> str:
+    """Run (or resume) every method, then write report.md, report.json and plot.png into ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    todo = []
+    for m in sweep.methods:
+        d = method_dir(out, m)
+        st = _status(d)
+        if st == "done":
+            log(f"[{m}] already finished: kept")
+        else:
+            todo.append((m, d, st))
+    threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
+    if jobs <= 1:
+        for m, d, st in todo:
+            log(f"[{m}] {'resuming' if st == 'resume' else 'running'} -> {d}")
+            _run_one(sweep.config_for(m).to_toml(), str(d), threads)
+    else:
+        import multiprocessing as mp
+
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+            futs = {pool.submit(_run_one, sweep.config_for(m).to_toml(), str(d), threads): m for m, d, _ in todo}
+            for fut in as_completed(futs):
+                fut.result()
+                log(f"[{futs[fut]}] finished")
+    return write_report(sweep, out)
+
+
+def write_report(sweep: Sweep, out: Path) -> str:
+    from cellm.interface.plot import plot_runs
+    from cellm.models.evaluate import primary_metric
+    from cellm.models.registry import MODELS
+
+    base = sweep.base()
+    metric, higher = primary_metric(MODELS[base.model.name].task)
+    runs = {m: rf.read_metrics(method_dir(out, m)) for m in sweep.methods}
+    target, rows = build_rows(runs, metric, higher, sweep.reference, sweep.slack)
+    title = f"{base.model.name} on {base.data.name}"
+    table = markdown_table(title, metric, target, sweep.reference, rows)
+    rf.atomic_write_text(out / "report.md", table)
+    rf.atomic_write_text(out / "report.json", json.dumps(
+        {"metric": metric, "target": target, "reference": sweep.reference,
+         "rows": [r.__dict__ for r in rows]}, indent=2))
+    plot_runs(list(runs.items()), metric, out / "plot.png", title=title)
+    return table
+
+
+def sweep_from_args(methods: list[str], preset: str | None, config: str | None, overrides: list[str],
+                    reference: str, slack: float) -> Sweep:
+    sweep = Sweep(methods=methods, base_preset=preset, base_config=config, overrides=overrides,
+                  reference=reference, slack=slack)
+    check_sweep(sweep)
+    return sweep
+
+
+def summary_rows(out: Path) -> list[dict[str, Any]]:
+    return json.loads((out / "report.json").read_text())["rows"]

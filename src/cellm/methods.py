@@ -1,0 +1,51 @@
+"""Named methods: each is a set of config overrides over the same round loop (no copy of the loop per method).
+
+Densities are fractions of the adapter; "rank/4" means a quarter of the base preset's LoRA rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from cellm.config import CellmConfig
+from cellm.errors import ConfigError
+
+Overrides = Callable[[CellmConfig], list[str]]
+
+
+def _flasc(d: float) -> Overrides:
+    return lambda cfg: [f"comm.down_density={d}", f"comm.up_density={d}"]
+
+
+METHODS: dict[str, tuple[str, Overrides]] = {
+    "dense": ("Dense LoRA: the whole adapter both ways (d = 1).",
+              lambda cfg: ["comm.down_density=1.0", "comm.up_density=1.0"]),
+    "flasc-1/4": ("FLASC: top-k of the weights down, top-k of the delta up, d = 1/4 each way.", _flasc(0.25)),
+    "flasc-1/16": ("FLASC at d = 1/16 each way.", _flasc(0.0625)),
+    "flasc-1/64": ("FLASC at d = 1/64 each way.", _flasc(0.015625)),
+    "lora-rank/4": ("Dense LoRA at a quarter of the rank (the lower-rank baseline).",
+                    lambda cfg: [f"model.lora_rank={max(1, cfg.model.lora_rank // 4)}",
+                                 f"model.lora_alpha={cfg.model.lora_alpha / 4}",
+                                 "comm.down_density=1.0", "comm.up_density=1.0"]),
+    "ffa-lora": ("FFA-LoRA: A frozen at its seeded init, never trained nor sent; B and head dense.",
+                 lambda cfg: ["model.freeze_a=true", "comm.down_density=1.0", "comm.up_density=1.0"]),
+    "pruned-lora-1/4": ("Pruned LoRA: one dense round, then a fixed top-1/4 mask; training and upload stay on it.",
+                        lambda cfg: ["comm.freeze_mask_after=1", "comm.client_freeze=true",
+                                     "comm.down_density=0.25", "comm.up_density=0.25"]),
+    "flasc-ef-1/16": ("FLASC d = 1/16 with upload error feedback (clients keep what top-k dropped).",
+                      lambda cfg: _flasc(0.0625)(cfg) + ["comm.error_feedback_up=true"]),
+    "flasc-int8-1/16": ("FLASC d = 1/16 with int8 values both ways.",
+                        lambda cfg: _flasc(0.0625)(cfg) + ["comm.codec_down=int8", "comm.codec_up=int8"]),
+    "cellm-1/16": ("cellm: d = 1/16, delta downloads to stateful clients, upload error feedback, int8 both ways.",
+                   lambda cfg: _flasc(0.0625)(cfg) + ["comm.download_mode=delta", "comm.error_feedback_up=true",
+                                                      "comm.codec_down=int8", "comm.codec_up=int8"]),
+    "cellm-1/64": ("cellm at d = 1/64.",
+                   lambda cfg: _flasc(0.015625)(cfg) + ["comm.download_mode=delta", "comm.error_feedback_up=true",
+                                                        "comm.codec_down=int8", "comm.codec_up=int8"]),
+}
+
+
+def method_overrides(name: str, base: CellmConfig) -> list[str]:
+    if name not in METHODS:
+        raise ConfigError(f"unknown method '{name}' (available: {', '.join(METHODS)})")
+    return METHODS[name][1](base)

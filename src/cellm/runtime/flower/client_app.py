@@ -1,0 +1,98 @@
+"""The Flower ClientApp: one SuperNode serves one or more cellm clients and runs cellm's own client update.
+
+Handlers
+--------
+``query`` (setup): stores the run's cellm config in ``context.state`` and answers which cellm client ids this node
+serves (its node config: ``partition-id``/``num-partitions``, or ``cellm-clients``).
+``train``: decodes the task, loads model and data once per process (module cache), restores the client's state
+(error-feedback residual, delta-mode copy) from ``context.state``, calls
+:func:`cellm.federated.client.client_update`, saves the new state, replies with the encoded upload.
+
+Node config keys read here (``flower-supernode --node-config '...'``): ``partition-id``, ``num-partitions``,
+``cellm-clients``, ``torch-threads`` (or env ``CELLM_TORCH_THREADS``), ``cache-dir`` (tokenized-data cache).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from flwr.app import ConfigRecord, Context, Message
+from flwr.clientapp import ClientApp
+
+from cellm.runtime.flower import protocol as P
+
+app = ClientApp()
+
+_SETUP_CACHE: dict[str, Any] = {}  # config digest -> (cfg, Setup): one model + data per process
+
+
+def _threads(context: Context) -> None:
+    n = context.node_config.get("torch-threads", os.environ.get("CELLM_TORCH_THREADS"))
+    if n not in (None, "", 0, "0"):
+        import torch
+
+        if torch.get_num_threads() != int(n):
+            torch.set_num_threads(int(n))
+
+
+def _node_config(context: Context) -> dict[str, Any]:
+    return dict(context.node_config)
+
+
+def _config_and_setup(context: Context, digest: str):
+    from cellm.config import load_config
+
+    if P.STATE_CONFIG not in context.state.config_records:
+        raise P.ProtocolError("this node got a train message before the run's setup message")
+    rec = context.state.config_records[P.STATE_CONFIG]
+    if rec.get("digest") != digest:
+        raise P.ProtocolError(f"train message is for config {digest[:12]} but this node was set up with "
+                              f"{str(rec.get('digest'))[:12]}")
+    if digest not in _SETUP_CACHE:
+        import tomllib
+
+        from cellm.runtime.embedded import load_setup
+
+        cfg = load_config(data=tomllib.loads(str(rec["config"])))
+        cache_dir = context.node_config.get("cache-dir")
+        if cache_dir is not None:  # where this machine caches tokenized data: not part of the algorithm
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, cache_dir=str(cache_dir)))
+        _SETUP_CACHE.clear()
+        _SETUP_CACHE[digest] = (cfg, load_setup(cfg))
+    return _SETUP_CACHE[digest]
+
+
+
+@app.query()
+def setup(msg: Message, context: Context) -> Message:
+    """Keep the run's config on this node; answer with the cellm clients this node serves."""
+    import tomllib
+
+    text, digest = P.read_setup(msg.content)
+    num_clients = int(tomllib.loads(text)["data"]["num_clients"])
+    clients = P.served_clients(_node_config(context), num_clients)
+    context.state[P.STATE_CONFIG] = ConfigRecord({"config": text, "digest": digest})
+    return Message(content=P.node_content(clients, _node_config(context)), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One cellm client's round: decode the download, train, encode the upload."""
+    from cellm.federated.client import client_update
+    from cellm.federated.server import train_spec
+
+    _threads(context)
+    task, digest = P.read_task(msg.content)
+    cfg, setup_ = _config_and_setup(context, digest)
+    served = P.served_clients(_node_config(context), cfg.data.num_clients)
+    if task.client not in served:
+        raise P.ProtocolError(f"this node serves cellm clients {served}, not client {task.client}")
+    key = P.state_key(task.client)
+    st = P.read_state(context.state.array_records.get(key))
+    reply, new_state = client_update(setup_.lm.model, setup_.flat, setup_.data.clients[task.client], task,
+                                     train_spec(cfg), st, seed=cfg.seed)
+    if new_state.residual is not None or new_state.copy is not None:  # as the embedded Simulator keeps it
+        context.state[key] = P.state_record(new_state)
+    return Message(content=P.reply_content(reply, task.client, task.round), reply_to=msg)

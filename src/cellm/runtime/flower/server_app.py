@@ -1,0 +1,293 @@
+"""The Flower ServerApp: cellm's own server round, driven over a Flower ``Grid``.
+
+Each round the driver calls :func:`cellm.federated.server.plan_round` (sampling, download mask, encoding, ledger),
+sends each sampled client its task as one ``train`` Message addressed to the node that serves that client,
+collects the replies, calls :func:`cellm.federated.server.finish_round` (strict decode, aggregate, server step,
+ledger) and evaluates on the server's own model exactly like the embedded runtime; rounds are written with
+:class:`cellm.interface.api.RunRecorder`. There is no algorithm code here.
+
+Why not ``flwr.serverapp.strategy.Strategy.start``: it sends one ArrayRecord of the global model per round and
+expects every reply to share keys, while cellm sends per-client encoded payloads and one node may serve several
+cellm clients. The driver keeps Flower's template (``configure_train`` -> send -> ``aggregate_train``) but sends a
+node's tasks one at a time ("waves"), so a node's ``context.state`` is never updated by two messages at once.
+
+Run config (``[tool.flwr.app.config]``, override with ``flwr run ... --run-config``): ``config-toml`` (the whole
+cellm config inline, what ``cellm flower run`` sends), or ``config`` (a TOML path on the SuperLink machine) and/or
+``preset``, plus ``set`` (``;``-separated key=value overrides); ``out`` (run folder on the SuperLink machine; ""
+= runs/<model>-<data>-<time> under the ServerApp's working directory; "-" = none); ``node-wait-s`` (how long to wait
+until every cellm client is served by a connected node); ``round-timeout-s``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context, Message, MessageType
+from flwr.serverapp import Grid, ServerApp
+
+from cellm.config import CellmConfig
+from cellm.runtime.flower import protocol as P
+
+log = logging.getLogger("cellm.flower")
+
+
+@dataclass(frozen=True)
+class DriverOptions:
+    node_wait_s: float = 300.0  # until every cellm client is served by some node
+    round_timeout_s: float = 3600.0  # a client whose reply has not come by then is dropped for the round
+    progress: bool = False
+    poll_s: float = 1.0
+
+
+class CellmStrategy:
+    """Drives cellm rounds over a Flower Grid; all round logic is :mod:`cellm.federated.server`."""
+
+    def __init__(self, cfg: CellmConfig, options: DriverOptions = DriverOptions()) -> None:
+        self.cfg, self.options = cfg, options
+        self.toml = cfg.to_toml()
+        self.digest = P.config_digest(self.toml)
+        self.client_node: dict[int, int] = {}  # cellm client id -> Flower node id
+        self.node_clients: dict[int, list[int]] = {}
+        self.bad_nodes: dict[int, str] = {}
+
+    # -------------------------------------------------------------- nodes
+
+    def missing_clients(self) -> list[int]:
+        return [c for c in range(self.cfg.data.num_clients) if c not in self.client_node]
+
+    def discover(self, grid: Grid, wait_s: float) -> None:
+        """Send the setup message to every node not seen yet; wait until every cellm client has a node."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            new = sorted(set(grid.get_node_ids()) - set(self.node_clients) - set(self.bad_nodes))
+            if new:
+                msgs = [Message(P.setup_content(self.toml), dst_node_id=n, message_type=MessageType.QUERY,
+                                group_id="setup") for n in new]
+                left = max(deadline - time.monotonic(), 1.0)
+                for reply in grid.send_and_receive(msgs, timeout=left):
+                    node = reply.metadata.src_node_id
+                    if reply.has_error():
+                        self.bad_nodes[node] = reply.error.reason
+                        log.error("node %s refused the setup: %s", node, reply.error.reason)
+                        continue
+                    clients = P.read_node(reply.content)
+                    self.node_clients[node] = clients
+                    for c in clients:
+                        if c in self.client_node and self.client_node[c] != node:
+                            log.warning("client %d is served by nodes %d and %d; using %d",
+                                        c, self.client_node[c], node, node)
+                        self.client_node[c] = node
+                    log.info("node %s serves cellm clients %s", node, clients)
+            missing = self.missing_clients()
+            if not missing:
+                return
+            if time.monotonic() >= deadline:
+                raise RuntimeError(
+                    f"no connected SuperNode serves cellm clients {missing} after {wait_s:.0f} s "
+                    f"(nodes: {self.node_clients}; refused: {self.bad_nodes}). Start SuperNodes whose node "
+                    f"configs cover all {self.cfg.data.num_clients} clients, e.g. partition-id=i "
+                    f"num-partitions=n for i in 0..n-1.")
+            time.sleep(self.options.poll_s)
+
+    # -------------------------------------------------------------- one round
+
+    def configure_train(self, plan, grid: Grid) -> list[Message]:
+        """One ``train`` Message per sampled client, to the node that serves it."""
+        return [Message(P.task_content(plan.tasks[c], self.digest), dst_node_id=self.client_node[c],
+                        message_type=MessageType.TRAIN, group_id=str(plan.round)) for c in plan.clients]
+
+    def send(self, grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
+        """Send in waves with at most one message per node in flight; return all replies received in time."""
+        per_node: dict[int, list[Message]] = {}
+        for m in messages:
+            per_node.setdefault(m.metadata.dst_node_id, []).append(m)
+        deadline = time.monotonic() + timeout
+        replies: list[Message] = []
+        for k in range(max((len(v) for v in per_node.values()), default=0)):
+            wave = [v[k] for v in per_node.values() if k < len(v)]
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.error("round timeout: %d messages not sent", len(wave))
+                break
+            replies.extend(grid.send_and_receive(wave, timeout=left))
+        return replies
+
+    def aggregate_train(self, state, plan, replies: list[Message]):
+        """Check each reply comes from the right node for a sampled client, then cellm's finish_round."""
+        from cellm.federated.server import finish_round
+
+        got = {}
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                log.error("round %d: node %s failed: %s", plan.round, node, msg.error.reason)
+                continue
+            try:
+                client, round_, reply = P.read_reply(msg.content)
+            except P.ProtocolError as exc:
+                log.error("round %d: node %s sent a malformed reply: %s", plan.round, node, exc)
+                continue
+            if round_ != plan.round or client not in plan.tasks or self.client_node.get(client) != node \
+                    or client in got:
+                log.error("round %d: node %s replied for client %d round %d, which it was not asked",
+                          plan.round, node, client, round_)
+                continue
+            got[client] = reply
+        dropped = sorted(set(plan.clients) - set(got))
+        if dropped:
+            log.warning("round %d: no reply from clients %s", plan.round, dropped)
+        return finish_round(state, self.cfg, plan, got)
+
+    # -------------------------------------------------------------- the run
+
+    def start(self, grid: Grid, setup, on_round: Callable[[Any, dict[str, Any]], None] | None = None):
+        """Run every round (after round 0's evaluation), like :func:`cellm.runtime.embedded.simulate`."""
+        from cellm.federated.server import ServerState, masked_weights, plan_round
+        from cellm.runtime.embedded import evaluate_vector, metrics_row
+
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        self.discover(grid, self.options.node_wait_s)
+        state = ServerState(w=setup.flat.get())
+        ev = evaluate_vector(setup, masked_weights(state, cfg, 1), cfg)
+        row = metrics_row(state, None, time.perf_counter() - t0, 0.0, ev, cfg)
+        state.metrics.append(row)
+        if on_round:
+            on_round(state, row)
+        while state.round < cfg.rounds:
+            r0 = time.perf_counter()
+            self.discover(grid, self.options.node_wait_s)  # nodes may have joined (or be needed again)
+            plan = plan_round(state, cfg)
+            replies = self.send(grid, self.configure_train(plan, grid), self.options.round_timeout_s)
+            outcome = self.aggregate_train(state, plan, replies)
+            t = state.round
+            ev = None
+            if t % cfg.fl.eval_every == 0 or t == cfg.rounds:
+                ev = evaluate_vector(setup, masked_weights(state, cfg, t + 1), cfg)
+            now = time.perf_counter()
+            row = metrics_row(state, outcome, now - t0, now - r0, ev, cfg)
+            state.metrics.append(row)
+            loss = row.get("train_loss")
+            log.info("round %d/%d: clients %s, %s bytes so far, loss %s, eval %s, %.1f s", t, cfg.rounds,
+                     row.get("clients"), row.get("cum_bytes"), "-" if loss is None else f"{loss:.4f}",
+                     row.get("eval"), row["round_s"])
+            if on_round:
+                on_round(state, row)
+        return state
+
+
+# ------------------------------------------------------------------ the ServerApp
+
+def run_server(grid: Grid, cfg: CellmConfig, out: str | Path | None, options: DriverOptions = DriverOptions()):
+    """Run a cellm job over ``grid``; with ``out`` write the run folder. Returns a RunResult."""
+    from cellm.errors import ConfigError
+    from cellm.interface import runfolder as rf
+    from cellm.interface.api import RunRecorder
+    from cellm.models.evaluate import primary_metric
+    from cellm.runtime.embedded import load_setup
+
+    out_dir = Path(out) if out is not None else None
+    if out_dir is not None and out_dir.exists() and any(out_dir.iterdir()):
+        raise ConfigError(f"run folder {out_dir} already exists and is not empty; choose another out")
+    strategy = CellmStrategy(cfg, options)
+    # Load the server's model and data while the nodes answer the setup message (each answer starts a process).
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        loading = pool.submit(load_setup, cfg)
+        try:
+            strategy.discover(grid, options.node_wait_s)
+        finally:
+            setup = loading.result()
+    created = False
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        created = True
+        rf.atomic_write_text(out_dir / rf.CONFIG, cfg.to_toml())
+        log.info("run folder: %s", out_dir.resolve())
+    try:
+        metric, _ = primary_metric(setup.lm.task)
+        rec = RunRecorder(cfg, out_dir, metric, options.progress)
+        try:
+            state = strategy.start(grid, setup, on_round=rec.on_round)
+        finally:
+            rec.close()
+        return rec.finish(state, setup)
+    except BaseException:
+        if created and not (out_dir / rf.METRICS).exists():
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+
+
+def config_from_run_config(run_config: dict[str, Any]) -> tuple[CellmConfig, Path | None, DriverOptions]:
+    """The cellm config, run folder and driver options from a Flower run config (see the module docstring)."""
+    import tomllib
+
+    from cellm.config import load_config
+    from cellm.interface.api import default_out_dir
+
+    overrides = [s.strip() for s in str(run_config.get("set", "")).split(";") if s.strip()]
+    inline = str(run_config.get("config-toml", ""))
+    if inline.strip():
+        cfg = load_config(data=tomllib.loads(inline), overrides=overrides)
+    else:
+        path = str(run_config.get("config", "")) or None
+        preset = str(run_config.get("preset", "")) or None
+        cfg = load_config(path, preset=preset, overrides=overrides)
+    out_s = str(run_config.get("out", ""))
+    out = None if out_s == "-" else (Path(out_s) if out_s else default_out_dir(cfg)).absolute()
+    opts = DriverOptions(node_wait_s=float(run_config.get("node-wait-s", 300)),
+                         round_timeout_s=float(run_config.get("round-timeout-s", 3600)))
+    return cfg, out, opts
+
+
+def _log_summary(result) -> None:
+    from cellm.interface.api import summary
+
+    s = summary(result)
+    final = s["final"]
+    log.info("cellm on Flower: %s %.4f -> %s after %d rounds; %d bytes on the wire (down %d, up %d); folder %s",
+             s["metric"], s["initial"], "nan" if isinstance(final, float) and math.isnan(final) else f"{final:.4f}",
+             s["rounds"], s["total_bytes"], s["down_bytes"], s["up_bytes"], result.out_dir)
+
+
+def _setup_logging() -> None:
+    if not log.handlers:
+        h = logging.StreamHandler()
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s cellm: %(message)s"))
+        log.addHandler(h)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Deployment / ``flwr run`` entry: everything comes from the run config."""
+    _setup_logging()
+    cfg, out, opts = config_from_run_config(dict(context.run_config))
+    _log_summary(run_server(grid, cfg, out, opts))
+
+
+def make_server_app(cfg: CellmConfig, out: str | Path | None, options: DriverOptions = DriverOptions(),
+                    results: list | None = None) -> ServerApp:
+    """A ServerApp bound to ``cfg`` (for in-process simulation); the RunResult is appended to ``results``."""
+    sapp = ServerApp()
+
+    @sapp.main()
+    def _main(grid: Grid, context: Context) -> None:
+        _setup_logging()
+        result = run_server(grid, cfg, out, options)
+        if results is not None:
+            results.append(result)
+        _log_summary(result)
+
+    return sapp

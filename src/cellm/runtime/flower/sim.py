@@ -1,0 +1,42 @@
+"""Flower's simulation runtime (Ray), in process: ``cellm flower sim`` and :func:`run_flower_simulation`.
+
+The ServerApp is bound to the config here; the ClientApps get it from the setup message, as on real SuperNodes.
+Each virtual SuperNode ``i`` of ``n`` has node config ``partition-id=i num-partitions=n`` and so serves the cellm
+clients ``c`` with ``c % n == i`` (by default ``n`` = number of cellm clients: one node per client).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cellm.config import CellmConfig
+from cellm.runtime.flower.server_app import DriverOptions, make_server_app
+
+
+def run_flower_simulation(cfg: CellmConfig, out: str | Path | None = None, *, num_supernodes: int | None = None,
+                          workers: int | None = None, progress: bool = False, verbose: bool = False,
+                          options: DriverOptions | None = None):
+    """Run ``cfg`` on Flower's simulation runtime; returns the same RunResult as :func:`cellm.run`.
+
+    ``workers``: Ray actors training in parallel (each loads the model once); default min(clients per round,
+    CPUs). ``num_supernodes``: virtual SuperNodes (default: one per cellm client).
+    """
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    from flwr.simulation import run_simulation
+
+    from cellm.runtime.flower.client_app import app as client_app
+
+    n = num_supernodes or cfg.data.num_clients
+    w = workers or max(1, min(cfg.fl.clients_per_round, os.cpu_count() or 1))
+    results: list = []
+    opts = options or DriverOptions(node_wait_s=120.0, progress=progress)
+    server_app = make_server_app(cfg, out, opts, results)
+    backend = {"init_args": {"num_cpus": w, "num_gpus": 0}, "client_resources": {"num_cpus": 1, "num_gpus": 0}}
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n, backend_config=backend,
+                   verbose_logging=verbose)
+    if not results:
+        raise RuntimeError("the Flower simulation ended without a result (see the log above for the error)")
+    return results[0]

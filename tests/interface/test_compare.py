@@ -1,0 +1,104 @@
+import json
+
+import pytest
+
+import cellm
+from cellm.interface import runfolder as rf
+from cellm.interface.compare import Sweep, load_sweep, method_dir, run_sweep
+from cellm.interface.report import bytes_to_target, eval_points
+from cellm.methods import METHODS
+
+
+def _sweep(cache_dir, methods, rounds=2):
+    return Sweep(methods=methods, base_preset="tiny",
+                 overrides=[f"data.cache_dir='{cache_dir}'", f"rounds={rounds}", "model.lora_rank=4"],
+                 slack=0.5)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_preset_runs_two_rounds(cache_dir, method):
+    res = cellm.run(_sweep(cache_dir, [method]).config_for(method), save=False)
+    assert [r["round"] for r in res.metrics] == [0, 1, 2]
+    assert res.totals["up_bytes"] > 0 and res.totals["down_bytes"] > 0
+
+
+def test_ffa_lora_never_sends_the_a_matrices(cache_dir):
+    s = _sweep(cache_dir, ["dense", "ffa-lora"])
+    dense, ffa = (cellm.run(s.config_for(m), save=False) for m in ("dense", "ffa-lora"))
+    assert ffa.totals["up_nonzeros"] < dense.totals["up_nonzeros"]
+    a_keys = [k for k in ffa.adapter if "lora_A" in k]
+    assert a_keys
+    # A in the final FFA adapter equals its seeded initialisation (never trained)
+    from cellm.models import FlatView, load_model
+
+    init = load_model("tiny-bert", lora_rank=4, lora_alpha=8, lora_dropout=0, num_labels=5, seed=0).model
+    from peft import get_peft_model_state_dict
+
+    init_sd = get_peft_model_state_dict(init)
+    assert all((ffa.adapter[k] == init_sd[k]).all() for k in a_keys)
+    assert FlatView(load_model("tiny-bert", lora_rank=4, lora_alpha=8, lora_dropout=0, num_labels=5,
+                               freeze_a=True).model).numel < FlatView(init).numel
+
+
+def test_the_sweep_resumes_without_redoing_finished_methods(tmp_path, cache_dir):
+    sweep = _sweep(cache_dir, ["dense", "flasc-1/4"])
+    logs = []
+    run_sweep(sweep, tmp_path, log=logs.append)
+    stamp = (method_dir(tmp_path, "dense") / rf.SUMMARY).stat().st_mtime_ns
+    # a third method is added; the two finished ones are kept as they are
+    sweep.methods.append("flasc-1/16")
+    logs.clear()
+    run_sweep(sweep, tmp_path, log=logs.append)
+    assert "[dense] already finished: kept" in logs and "[flasc-1/4] already finished: kept" in logs
+    assert any(x.startswith("[flasc-1/16] running") for x in logs)
+    assert (method_dir(tmp_path, "dense") / rf.SUMMARY).stat().st_mtime_ns == stamp
+
+
+def test_a_method_cut_short_is_resumed_from_its_checkpoint(tmp_path, cache_dir):
+    sweep = _sweep(cache_dir, ["dense"], rounds=3)
+    d = method_dir(tmp_path, "dense")
+    cfg = sweep.config_for("dense")
+    cellm.run(cfg, d)
+    full = rf.read_metrics(d)
+    (d / rf.SUMMARY).unlink()  # as if killed after the last checkpoint but before the end
+    logs = []
+    run_sweep(sweep, tmp_path, log=logs.append)
+    assert any("resuming" in x for x in logs)
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("wall_s", "round_s")} for r in rows]  # noqa: E731
+    assert strip(rf.read_metrics(d)) == strip(full)
+
+
+def test_the_tables_bytes_to_target_agree_with_the_metrics_files(tmp_path, cache_dir):
+    sweep = _sweep(cache_dir, ["dense", "flasc-1/4", "cellm-1/16"], rounds=3)
+    table = run_sweep(sweep, tmp_path, log=lambda *_: None)
+    report = json.loads((tmp_path / "report.json").read_text())
+    target = report["target"]
+    dense_final = eval_points(rf.read_metrics(method_dir(tmp_path, "dense")), "accuracy")[-1][2]
+    assert target == pytest.approx(dense_final - 0.5)
+    for row in report["rows"]:
+        rows = rf.read_metrics(method_dir(tmp_path, row["method"]))
+        assert row["to_target"] == bytes_to_target(rows, "accuracy", target, True)
+        assert row["total_bytes"] == rows[-1]["cum_bytes"]
+    assert "| dense |" in table and (tmp_path / "plot.png").exists()
+
+
+def test_bytes_to_target_is_the_first_evaluated_round_that_reaches_it():
+    rows = [{"round": 0, "cum_bytes": 0, "eval": {"accuracy": 0.2}},
+            {"round": 1, "cum_bytes": 100},
+            {"round": 2, "cum_bytes": 250, "eval": {"accuracy": 0.8}},
+            {"round": 3, "cum_bytes": 400, "eval": {"accuracy": 0.9}}]
+    assert bytes_to_target(rows, "accuracy", 0.75, True) == 250
+    assert bytes_to_target(rows, "accuracy", 0.95, True) is None
+    assert bytes_to_target([{"round": 0, "cum_bytes": 0, "eval": {"perplexity": 50.0}},
+                            {"round": 1, "cum_bytes": 9, "eval": {"perplexity": 20.0}}], "perplexity", 30.0,
+                           False) == 9
+
+
+def test_a_sweep_file_with_an_unknown_method_or_key_is_refused(tmp_path):
+    p = tmp_path / "s.toml"
+    p.write_text('base_preset = "tiny"\nmethods = ["dense", "nope"]\n')
+    with pytest.raises(cellm.ConfigError, match="unknown method 'nope'"):
+        load_sweep(p)
+    p.write_text('base_preset = "tiny"\nmethods = ["dense"]\nbogus = 1\n')
+    with pytest.raises(cellm.ConfigError, match="unknown sweep key"):
+        load_sweep(p)
