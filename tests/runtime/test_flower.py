@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -145,7 +146,7 @@ class LoopbackGrid:
         from cellm.runtime.flower.client_app import app
 
         TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-        self.app = app
+        self.app, self.replies = app, {}
         self.nodes = {100 + i: Context(run_id=1, node_id=100 + i, node_config=nc, state=RecordDict(), run_config={})
                       for i, nc in enumerate(node_configs)}
 
@@ -160,14 +161,30 @@ class LoopbackGrid:
     def get_node_ids(self):
         return list(self.nodes)
 
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
+    def push_messages(self, messages):
+        from flwr.app import Error, Message
+
+        ids = []
         for m in messages:
+            m.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            ids.append(m.metadata.message_id)
+            context = self.nodes[m.metadata.dst_node_id]
+            if context.node_config.get("silent"):
+                continue  # a node that never answers
             m.content = self.wire(m.content)
-            reply = self.app(m, self.nodes[m.metadata.dst_node_id])
-            reply.content = self.wire(reply.content)
-            replies.append(reply)
-        return replies
+            try:
+                reply = self.app(m, context)
+                reply.content = self.wire(reply.content)
+            except Exception as exc:  # what Flower sends back when a ClientApp raises
+                reply = Message(Error(code=0, reason=repr(exc)), reply_to=m)
+            self.replies[m.metadata.message_id] = reply
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return self.pull_messages(self.push_messages(messages))
 
 
 def test_stateful_clients_on_shared_nodes_match_embedded(flower_env):
@@ -182,6 +199,17 @@ def test_stateful_clients_on_shared_nodes_match_embedded(flower_env):
     assert_same_run(embedded, flower)
     assert sorted(grid.nodes[100].state.keys()) == ["cellm.client.0", "cellm.client.2", "cellm.config"]
     assert sorted(grid.nodes[101].state.keys()) == ["cellm.client.1", "cellm.client.3", "cellm.config"]
+
+
+def test_silent_and_misconfigured_nodes_do_not_change_the_run(flower_env, embedded_tiny):
+    """A node that never answers and one whose node config is invalid are left out; the run is unchanged."""
+    from cellm.runtime.flower.server_app import DriverOptions, run_server
+
+    grid = LoopbackGrid([{"silent": True}, {"partition-id": 0, "num-partitions": 1}, {"partition-id": 5}])
+    flower = run_server(grid, tiny(), None, DriverOptions(node_wait_s=5, poll_s=0.05))
+    assert_same_run(embedded_tiny, flower)
+    with pytest.raises(RuntimeError, match="no connected SuperNode serves cellm clients"):
+        run_server(LoopbackGrid([{"cellm-clients": "0,1"}]), tiny(), None, DriverOptions(node_wait_s=0.2))
 
 
 def test_flower_simulation_matches_embedded(flower_env, embedded_tiny, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -120,7 +121,9 @@ def client_update(
     state: ClientState, *, seed: int,
 ) -> tuple[ClientReply, ClientState]:
     """One client's round. The download is decoded strictly; a malformed one raises CodecError (nothing trained)."""
+    t0 = time.perf_counter()
     received = decode(task.download, max_n=flat.numel, expected_n=flat.numel).to_dense()
+    codec_s = time.perf_counter() - t0
     if task.download_mode == "delta":
         base = state.copy if state.copy is not None else torch.zeros(flat.numel)
         start = base + received
@@ -136,13 +139,15 @@ def client_update(
     residual = state.residual
     if task.error_feedback and residual is None:
         residual = torch.zeros(flat.numel)
+    t0 = time.perf_counter()
     payload, sent, new_residual = compress(delta, task.up_density, task.codec_up, residual,
                                            support=grad_mask)
+    codec_s += time.perf_counter() - t0
     new_state = ClientState(
         residual=new_residual if task.error_feedback else None,
         copy=start if task.download_mode == "delta" else None,
     )
-    return ClientReply(payload, len(data), loss, sent.k), new_state
+    return ClientReply(payload, len(data), loss, sent.k, {"codec_s": codec_s}), new_state
 
 
 __all__ = ["ClientReply", "ClientState", "ClientTask", "CodecError", "TrainSpec", "client_update", "local_train"]

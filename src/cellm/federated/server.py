@@ -171,6 +171,7 @@ class RoundOutcome:
     missing: dict[int, str]
     train_loss: float
     applied: bool
+    overhead_s: float = 0.0  # set by the runtime: coding, aggregation and server-step time of the round
 
 
 def check_upload(payload: bytes, n: int, max_k: int | None = None) -> SparseVector:

@@ -42,6 +42,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--out", help="Run folder (default runs/<model>-<data>-<time>).")
     s.add_argument("--supernodes", type=int, help="Virtual SuperNodes (default: one per cellm client).")
     s.add_argument("--workers", type=int, help="Parallel Ray workers (default: min(clients per round, CPUs)).")
+    s.add_argument("--threads", type=int, help="Torch threads per worker (default: as `cellm run` here, which "
+                                                "bit-identical results need).")
     s.add_argument("--no-progress", action="store_true", help="No progress bar.")
 
     r = fsub.add_parser("run", help="Submit the run to a SuperLink (flwr run with the resolved config).")
@@ -100,7 +102,7 @@ def _sim(args: argparse.Namespace) -> int:
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"run folder {out} already exists and is not empty; choose another --out")
     result = run_flower_simulation(cfg, out, num_supernodes=args.supernodes, workers=args.workers,
-                                   progress=not args.no_progress)
+                                   torch_threads=args.threads, progress=not args.no_progress)
     s = summary(result)
     print(f"run folder: {result.out_dir}")
     print(f"{s['metric']}: {s['initial']:.4f} at round 0 -> {s['final']:.4f} after {s['rounds']} rounds (Flower)")

@@ -111,13 +111,20 @@ class Simulator:
         return replies
 
     def round(self, state: ServerState) -> RoundOutcome:
+        t0 = time.perf_counter()
         plan = plan_round(state, self.cfg, self.supports())
+        plan_s = time.perf_counter() - t0
         fa = self.cfg.faults
         arrived, failed, late = arrivals(self.cfg.seed, plan.round, plan.clients, fa.failure_prob,
                                          fa.deadline_s, fa.client_time_s, fa.time_sigma)
         replies = self.run_clients(plan, arrived)
         missing = {c: "failed" for c in failed} | {c: "late" for c in late}
-        return finish_round(state, self.cfg, plan, replies, missing)
+        t0 = time.perf_counter()
+        outcome = finish_round(state, self.cfg, plan, replies, missing)
+        # time in masks, coding, decoding, aggregation and the server step (not training, not evaluation)
+        outcome.overhead_s = plan_s + (time.perf_counter() - t0) + sum(
+            r.extra.get("codec_s", 0.0) for r in replies.values())
+        return outcome
 
 
 def metrics_row(state: ServerState, outcome: RoundOutcome | None, wall_s: float, round_s: float,
@@ -136,6 +143,7 @@ def metrics_row(state: ServerState, outcome: RoundOutcome | None, wall_s: float,
         row["failed"] = sum(1 for v in outcome.missing.values() if v == "failed")
         row["late"] = sum(1 for v in outcome.missing.values() if v == "late")
         row["applied"] = outcome.applied
+        row["overhead_s"] = round(outcome.overhead_s, 4)
     if cfg.dp.noise_multiplier > 0:
         row["epsilon"] = dp_epsilon(cfg.dp.noise_multiplier, cfg.fl.clients_per_round / cfg.data.num_clients,
                                     t, cfg.dp.delta)

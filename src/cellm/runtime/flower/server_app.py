@@ -57,6 +57,8 @@ class CellmStrategy:
         self.client_node: dict[int, int] = {}  # cellm client id -> Flower node id
         self.node_clients: dict[int, list[int]] = {}
         self.bad_nodes: dict[int, str] = {}
+        self.asked: set[int] = set()  # nodes sent the setup message
+        self.pending: dict[str, int] = {}  # setup message id -> node, not answered yet
 
     # -------------------------------------------------------------- nodes
 
@@ -64,38 +66,53 @@ class CellmStrategy:
         return [c for c in range(self.cfg.data.num_clients) if c not in self.client_node]
 
     def discover(self, grid: Grid, wait_s: float) -> None:
-        """Send the setup message to every node not seen yet; wait until every cellm client has a node."""
+        """Send the setup message to every node not asked yet; return once every cellm client has a node.
+
+        Replies are collected without blocking on silent nodes, so a dead node costs nothing once the clients
+        are covered; a node that joins later is set up at the next round.
+        """
         deadline = time.monotonic() + wait_s
         while True:
-            new = sorted(set(grid.get_node_ids()) - set(self.node_clients) - set(self.bad_nodes))
+            new = sorted(set(grid.get_node_ids()) - self.asked)
             if new:
                 msgs = [Message(P.setup_content(self.toml), dst_node_id=n, message_type=MessageType.QUERY,
                                 group_id="setup") for n in new]
-                left = max(deadline - time.monotonic(), 1.0)
-                for reply in grid.send_and_receive(msgs, timeout=left):
-                    node = reply.metadata.src_node_id
-                    if reply.has_error():
-                        self.bad_nodes[node] = reply.error.reason
-                        log.error("node %s refused the setup: %s", node, reply.error.reason)
-                        continue
-                    clients = P.read_node(reply.content)
-                    self.node_clients[node] = clients
-                    for c in clients:
-                        if c in self.client_node and self.client_node[c] != node:
-                            log.warning("client %d is served by nodes %d and %d; using %d",
-                                        c, self.client_node[c], node, node)
-                        self.client_node[c] = node
-                    log.info("node %s serves cellm clients %s", node, clients)
+                for msg_id, n in zip(grid.push_messages(msgs), new, strict=True):
+                    self.pending[msg_id] = n
+                self.asked.update(new)
+            if self.pending:
+                for reply in grid.pull_messages(list(self.pending)):
+                    self.pending.pop(reply.metadata.reply_to_message_id, None)
+                    self._node_answered(reply)
             missing = self.missing_clients()
             if not missing:
                 return
             if time.monotonic() >= deadline:
                 raise RuntimeError(
                     f"no connected SuperNode serves cellm clients {missing} after {wait_s:.0f} s "
-                    f"(nodes: {self.node_clients}; refused: {self.bad_nodes}). Start SuperNodes whose node "
-                    f"configs cover all {self.cfg.data.num_clients} clients, e.g. partition-id=i "
-                    f"num-partitions=n for i in 0..n-1.")
+                    f"(nodes: {self.node_clients}; refused: {self.bad_nodes}; silent: "
+                    f"{sorted(self.pending.values())}). Start SuperNodes whose node configs cover all "
+                    f"{self.cfg.data.num_clients} clients, e.g. partition-id=i num-partitions=n for i in 0..n-1.")
             time.sleep(self.options.poll_s)
+
+    def _node_answered(self, reply: Message) -> None:
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            self.bad_nodes[node] = reply.error.reason
+            log.error("node %s refused the setup: %s", node, reply.error.reason)
+            return
+        try:
+            clients = P.read_node(reply.content)
+        except P.ProtocolError as exc:
+            self.bad_nodes[node] = str(exc)
+            log.error("node %s sent a malformed setup reply: %s", node, exc)
+            return
+        self.node_clients[node] = clients
+        for c in clients:
+            if c in self.client_node and self.client_node[c] != node:
+                log.warning("client %d is served by nodes %d and %d; using %d", c, self.client_node[c], node, node)
+            self.client_node[c] = node
+        log.info("node %s serves cellm clients %s", node, clients)
 
     # -------------------------------------------------------------- one round
 

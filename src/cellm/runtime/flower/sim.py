@@ -15,13 +15,19 @@ from cellm.runtime.flower.server_app import DriverOptions, make_server_app
 
 
 def run_flower_simulation(cfg: CellmConfig, out: str | Path | None = None, *, num_supernodes: int | None = None,
-                          workers: int | None = None, progress: bool = False, verbose: bool = False,
-                          options: DriverOptions | None = None):
+                          workers: int | None = None, torch_threads: int | None = None, progress: bool = False,
+                          verbose: bool = False, options: DriverOptions | None = None):
     """Run ``cfg`` on Flower's simulation runtime; returns the same RunResult as :func:`cellm.run`.
 
     ``workers``: Ray actors training in parallel (each loads the model once); default min(clients per round,
-    CPUs). ``num_supernodes``: virtual SuperNodes (default: one per cellm client).
+    CPUs). ``num_supernodes``: virtual SuperNodes (default: one per cellm client). ``torch_threads``: torch threads
+    in each worker; default ``CELLM_TORCH_THREADS`` if set, else this process's ``torch.get_num_threads()``, so
+    that client training sums in the same order as ``cellm.run`` here (bit-identical results need it).
     """
+    import torch
+
+    threads = torch_threads or int(os.environ.get("CELLM_TORCH_THREADS") or 0) or torch.get_num_threads()
+    os.environ["CELLM_TORCH_THREADS"] = str(threads)  # Ray workers inherit it; the ClientApp applies it
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
