@@ -29,6 +29,18 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("--slack", type=float, default=0.01, help="Target = reference final - slack (x(1+slack) for perplexity).")
     cp.add_argument("--out", required=True, help="Sweep folder (re-running it resumes).")
     cp.add_argument("--jobs", type=int, default=1, help="Methods run in parallel processes.")
+    sr = sub.add_parser("search", help="Choose LoRA rank and density under a byte budget (FLASC-Search).")
+    sr.add_argument("--preset")
+    sr.add_argument("--config")
+    sr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    sr.add_argument("--budget", type=float, required=True, help="Most bytes a short run may use (e.g. 5e7).")
+    sr.add_argument("--short-rounds", type=int, default=10, help="Rounds of each short run.")
+    sr.add_argument("--start-rank", type=int, default=1)
+    sr.add_argument("--start-density", type=float, default=1 / 64)
+    sr.add_argument("--max-rank", type=int, default=64)
+    sr.add_argument("--min-gain", type=float, default=0.005, help="Smallest metric gain that counts as progress.")
+    sr.add_argument("--out", required=True, help="Search folder (re-running it reuses finished short runs).")
+    sr.add_argument("--jobs", type=int, default=1, help="Candidates run in parallel processes.")
     sub.add_parser("methods", help="List the built-in methods for `cellm compare`.")
     sub.add_parser("presets", help="List presets.")
     c = sub.add_parser("config", help="Print the resolved config, or every field with its help.")
@@ -76,6 +88,19 @@ def main(argv: list[str] | None = None) -> int:
             if args.jobs < 1:
                 raise ConfigError(f"--jobs must be >= 1; got {args.jobs}")
             print(run_sweep(sweep, args.out, jobs=args.jobs))
+            return 0
+        if args.command == "search":
+            from cellm.config import load_config
+            from cellm.interface.search import SearchSpec, run_search
+
+            if args.short_rounds < 1:
+                raise ConfigError(f"--short-rounds must be >= 1; got {args.short_rounds}")
+            base = load_config(args.config, preset=args.preset, overrides=args.overrides)
+            spec = SearchSpec(budget_bytes=int(args.budget), start_rank=args.start_rank,
+                              start_density=args.start_density, max_rank=args.max_rank, min_gain=args.min_gain)
+            res = run_search(base, args.overrides, args.preset, args.config, spec, args.out, args.short_rounds,
+                             jobs=args.jobs)
+            print(f"chosen: rank {res.rank}, density {res.density:g} -> {args.out}/chosen.toml")
             return 0
         if args.command == "methods":
             from cellm.methods import METHODS

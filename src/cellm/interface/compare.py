@@ -116,7 +116,7 @@ def _run_one(cfg_toml: str, out: str, threads: int) -> str:
     return out
 
 
-def run_sweep(sweep: Sweep, out: str | Path, *, jobs: int = 1, log=print) -> str:
+def run_sweep(sweep: Sweep, out: str | Path, *, jobs: int = 1, log=print, report: bool = True) -> str:
     """Run (or resume) every method, then write report.md, report.json and plot.png into ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -141,7 +141,7 @@ def run_sweep(sweep: Sweep, out: str | Path, *, jobs: int = 1, log=print) -> str
             for fut in as_completed(futs):
                 fut.result()
                 log(f"[{futs[fut]}] finished")
-    return write_report(sweep, out)
+    return write_report(sweep, out) if report else ""
 
 
 def write_report(sweep: Sweep, out: Path) -> str:
