@@ -327,6 +327,16 @@ def _zombie(pid: int) -> bool:
         return True
 
 
+# `cellm flower ARGS...` (until cellm.interface.cli wires the subcommand, call its module directly)
+CELLM_FLOWER = """
+import argparse, sys
+from cellm.interface import flower_cli
+parser = argparse.ArgumentParser(prog="cellm")
+flower_cli.add_parser(parser.add_subparsers(dest="command"))
+sys.exit(flower_cli.main(parser.parse_args(["flower", *sys.argv[1:]])))
+"""
+
+
 def child_env() -> dict[str, str]:
     """Flower starts flower-superexec, flwr-serverapp and flwr-clientapp by name: this venv first on PATH."""
     from cellm.runtime.flower.deploy import child_env as env
@@ -352,8 +362,6 @@ def test_loopback_deployment_tls_and_node_auth(flower_env, embedded_tiny, tmp_pa
     address = f"127.0.0.1:{port}"
     D.write_connection(os.environ["FLWR_HOME"], "loop", address, tls.ca_cert)
     out = tmp_path / "run"
-    rc_file = D.run_config_file(tmp_path / "run-config.toml", tiny().to_toml(), out, node_wait_s=90,
-                                round_timeout_s=120)
     procs = Processes(tmp_path)
     try:
         link = procs.start("superlink", D.superlink_command(address, tls=tls, auth=True,
@@ -368,7 +376,11 @@ def test_loopback_deployment_tls_and_node_auth(flower_env, embedded_tiny, tmp_pa
         intruder = procs.start("intruder", D.supernode_command(address, free_port(), "partition-id=0 num-partitions=2",
                                                                ca_cert=tls.ca_cert, private_key=intruder_key,
                                                                max_wait_s=10))
-        run = flwr_cli(D.flwr_run_command("loop", rc_file)[1:], timeout=150, cwd=tmp_path)
+        # `cellm flower run`: the same config options as `cellm run`; exits 0 only for a completed run.
+        run = subprocess.run([sys.executable, "-c", CELLM_FLOWER, "run", "--superlink", "loop", "--preset", "tiny",
+                              "--set", "rounds=2", "--out", str(out), "--node-wait-s", "90",
+                              "--round-timeout-s", "120"],
+                             capture_output=True, text=True, timeout=150, cwd=tmp_path, env=child_env())
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         run_id = re.search(r"started run (\d+)", run.stdout).group(1)
         info = D.run_info("loop", run_id, child_env())

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -124,29 +125,32 @@ def _run(args: argparse.Namespace) -> int:
     if args.print_only:
         print(D.shell(cmd))
         return 0
-    env = D.child_env()
-    print(f"run folder (on the SuperLink machine): {out}", flush=True)
-    # `flwr run --stream` exits 0 even when the ServerApp fails: read the run's final status from the SuperLink.
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    run_id = None
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        sys.stdout.write(line)
-        sys.stdout.flush()
-        m = re.search(r"started run (\d+)", line)
-        if m and run_id is None:
-            run_id = m.group(1)
-    rc = proc.wait()
-    if rc != 0 or run_id is None:
-        return rc or 1
-    if args.no_stream:
-        print(f"submitted run {run_id}; follow it with: flwr log {run_id} {args.superlink}")
-        return 0
-    info = D.run_info(args.superlink, run_id, env)
-    status = info.get("status", "")
-    details = info.get("status-details")
-    print(f"run {run_id}: {status}" + (f" ({details})" if details not in (None, "", "N/A") else ""))
-    return 0 if status == "finished:completed" else 1
+    try:
+        env = D.child_env()
+        print(f"run folder (on the SuperLink machine): {out}", flush=True)
+        # `flwr run --stream` exits 0 even when the ServerApp fails: read the run's final status from the SuperLink.
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        run_id = None
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            m = re.search(r"started run (\d+)", line)
+            if m and run_id is None:
+                run_id = m.group(1)
+        rc = proc.wait()
+        if rc != 0 or run_id is None:
+            return rc or 1
+        if args.no_stream:
+            print(f"submitted run {run_id}; follow it with: flwr log {run_id} {args.superlink}")
+            return 0
+        info = D.run_info(args.superlink, run_id, env)
+        status = info.get("status", "")
+        details = info.get("status-details")
+        print(f"run {run_id}: {status}" + (f" ({details})" if details not in (None, "", "N/A") else ""))
+        return 0 if status == "finished:completed" else 1
+    finally:
+        shutil.rmtree(rc_dir, ignore_errors=True)
 
 
 def commands_text(address: str, nodes: int, tls_dir: str | None, keys_dir: str | None,

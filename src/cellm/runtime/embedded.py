@@ -174,10 +174,12 @@ def simulate(cfg: CellmConfig, setup: Setup, state: ServerState | None = None,
         outcome = sim.round(state)
         t = state.round
         ev = None
+        e0 = time.perf_counter()
         if t % cfg.fl.eval_every == 0 or t == cfg.rounds:
             ev = evaluate_state(setup, state, cfg, t + 1)
         now = time.perf_counter()
         row = metrics_row(state, outcome, offset + now - t0, now - r0, ev, cfg)
+        row["eval_s"] = round(now - e0, 3)
         state.metrics.append(row)
         if on_round:
             on_round(state, row)
