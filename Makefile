@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml requirements/assets.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,flower]'
 	$(BIN)/python -m pip install --quiet --no-deps -r requirements/assets.txt
 	touch $(STAMP)
 

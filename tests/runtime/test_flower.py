@@ -28,8 +28,10 @@ import cellm  # noqa: E402
 from cellm.runtime.flower import protocol as P  # noqa: E402
 
 BIN = Path(sys.executable).parent
+# Every column of a metrics row except timings (wall_s, round_s, overhead_s).
 LEDGER_KEYS = ("round", "down_bytes", "down_nonzeros", "down_messages", "up_bytes", "up_nonzeros", "up_messages",
-               "cum_bytes", "clients", "rejected", "applied", "eval", "train_loss", "d_down", "d_up")
+               "cum_bytes", "clients", "accepted", "rejected", "failed", "late", "applied", "eval", "train_loss",
+               "d_down", "d_up", "epsilon")
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +175,8 @@ class LoopbackGrid:
                 continue  # a node that never answers
             m.content = self.wire(m.content)
             try:
+                if context.node_config.get("crash") and m.metadata.message_type == "train":
+                    raise RuntimeError("this node crashes while training")
                 reply = self.app(m, context)
                 reply.content = self.wire(reply.content)
             except Exception as exc:  # what Flower sends back when a ClientApp raises
@@ -187,18 +191,41 @@ class LoopbackGrid:
         return self.pull_messages(self.push_messages(messages))
 
 
-def test_stateful_clients_on_shared_nodes_match_embedded(flower_env):
-    """Error feedback + delta downloads (client state in context.state), two nodes serving two clients each."""
+MODES = {
+    "stateful": ["comm.error_feedback_up=true", 'comm.download_mode="delta"', 'comm.codec_up="int8"'],
+    "rank-tiers+faults": ['hetero.mode="rank"', "hetero.num_tiers=2", "faults.failure_prob=0.3"],
+    "density-tiers+dp+deadline": ['hetero.mode="density"', "hetero.num_tiers=2", "dp.noise_multiplier=0.5",
+                                  "faults.deadline_s=12"],
+    "pruned+client-freeze": ["comm.freeze_mask_after=1", "comm.client_freeze=true", "comm.zstd_level=3",
+                             'comm.codec_down="fp16"'],
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_modes_on_shared_nodes_match_embedded(flower_env, mode):
+    """Each mode over Flower messages (two nodes serving three clients each; client state in context.state)."""
     from cellm.runtime.flower.server_app import DriverOptions, run_server
 
-    cfg = tiny("rounds=3", "data.num_clients=4", "comm.error_feedback_up=true", 'comm.download_mode="delta"',
-               'comm.codec_up="int8"')
+    cfg = tiny("rounds=3", "data.num_clients=6", "fl.clients_per_round=4", *MODES[mode])
     embedded = cellm.run(cfg, save=False)
-    grid = LoopbackGrid([{"partition-id": 0, "num-partitions": 2}, {"cellm-clients": "1,3"}])
+    grid = LoopbackGrid([{"partition-id": 0, "num-partitions": 2}, {"cellm-clients": "1,3,5"}])
     flower = run_server(grid, cfg, None, DriverOptions(node_wait_s=5))
     assert_same_run(embedded, flower)
-    assert sorted(grid.nodes[100].state.keys()) == ["cellm.client.0", "cellm.client.2", "cellm.config"]
-    assert sorted(grid.nodes[101].state.keys()) == ["cellm.client.1", "cellm.client.3", "cellm.config"]
+    if mode == "stateful":
+        assert sorted(grid.nodes[100].state.keys()) == ["cellm.client.0", "cellm.client.2", "cellm.client.4",
+                                                        "cellm.config"]
+
+
+def test_a_failing_node_drops_its_clients(flower_env):
+    """A node whose ClientApp raises: its clients count as failed; the round goes on with the others."""
+    from cellm.runtime.flower.server_app import DriverOptions, run_server
+
+    grid = LoopbackGrid([{"partition-id": 0, "num-partitions": 2}, {"partition-id": 1, "num-partitions": 2,
+                                                                     "crash": True}])
+    result = run_server(grid, tiny(), None, DriverOptions(node_wait_s=5))
+    odd = [[c for c in r["clients"] if c % 2] for r in result.metrics[1:]]
+    assert [r["failed"] for r in result.metrics[1:]] == [len(o) for o in odd] and any(odd)
+    assert all(r["applied"] for r in result.metrics[1:])
 
 
 def test_silent_and_misconfigured_nodes_do_not_change_the_run(flower_env, embedded_tiny):

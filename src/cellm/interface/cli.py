@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     sr.add_argument("--out", required=True, help="Search folder (re-running it reuses finished short runs).")
     sr.add_argument("--jobs", type=int, default=1, help="Candidates run in parallel processes.")
     sub.add_parser("methods", help="List the built-in methods for `cellm compare`.")
+    from cellm.interface import flower_cli
+
+    flower_cli.add_parser(sub)
     sub.add_parser("presets", help="List presets.")
     c = sub.add_parser("config", help="Print the resolved config, or every field with its help.")
     c.add_argument("--config")
@@ -75,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run(args)
+        if args.command == "flower":
+            from cellm.interface import flower_cli
+
+            return flower_cli.main(args)
         if args.command == "compare":
             from cellm.interface.compare import load_sweep, run_sweep, sweep_from_args
 

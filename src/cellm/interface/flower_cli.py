@@ -83,8 +83,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return f
 
 
-def _need_flwr() -> None:
-    if importlib.util.find_spec("flwr") is None:
+def _need_flwr(module: str = "flwr") -> None:
+    if importlib.util.find_spec(module) is None:
         raise ConfigError(EXTRA_HINT)
 
 
@@ -197,6 +197,8 @@ def main(args: argparse.Namespace) -> int:
         return 0
     if cmd in ("sim", "run"):
         _need_flwr()
+    if cmd in ("certs", "node-key"):
+        _need_flwr("cryptography")  # comes with the extra
     if cmd == "sim":
         return _sim(args)
     if cmd == "run":

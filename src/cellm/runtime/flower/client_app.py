@@ -64,15 +64,21 @@ def _config_and_setup(context: Context, digest: str):
     return _SETUP_CACHE[digest]
 
 
-
 @app.query()
 def setup(msg: Message, context: Context) -> Message:
-    """Keep the run's config on this node; answer with the cellm clients this node serves."""
+    """Keep the run's config on this node; answer with the cellm clients this node serves.
+
+    The config is validated and the model's assets checked here, so a node that cannot train says so at once.
+    """
     import tomllib
 
+    from cellm.config import load_config
+    from cellm.models.registry import check_assets
+
     text, digest = P.read_setup(msg.content)
-    num_clients = int(tomllib.loads(text)["data"]["num_clients"])
-    clients = P.served_clients(_node_config(context), num_clients)
+    cfg = load_config(data=tomllib.loads(text))
+    check_assets(cfg.model.name)
+    clients = P.served_clients(_node_config(context), cfg.data.num_clients)
     context.state[P.STATE_CONFIG] = ConfigRecord({"config": text, "digest": digest})
     return Message(content=P.node_content(clients, _node_config(context)), reply_to=msg)
 

@@ -59,6 +59,7 @@ class CellmStrategy:
         self.bad_nodes: dict[int, str] = {}
         self.asked: set[int] = set()  # nodes sent the setup message
         self.pending: dict[str, int] = {}  # setup message id -> node, not answered yet
+        self._last_replies: list = []
 
     # -------------------------------------------------------------- nodes
 
@@ -137,58 +138,85 @@ class CellmStrategy:
             replies.extend(grid.send_and_receive(wave, timeout=left))
         return replies
 
-    def aggregate_train(self, state, plan, replies: list[Message]):
-        """Check each reply comes from the right node for a sampled client, then cellm's finish_round."""
+    def aggregate_train(self, state, plan, replies: list[Message], sent: list[int], missing: dict[int, str]):
+        """Check each reply comes from the right node for a client it was sent, then cellm's finish_round.
+
+        ``sent``: the clients that got a task; ``missing``: clients already known not to reply (simulated faults).
+        A client whose node answers with an error counts as "failed", one with no reply in time as "late".
+        """
         from cellm.federated.server import finish_round
 
-        got = {}
+        got: dict[int, Any] = {}
+        node_failed: set[int] = set()
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
                 log.error("round %d: node %s failed: %s", plan.round, node, msg.error.reason)
+                node_failed.add(node)
                 continue
             try:
                 client, round_, reply = P.read_reply(msg.content)
             except P.ProtocolError as exc:
                 log.error("round %d: node %s sent a malformed reply: %s", plan.round, node, exc)
                 continue
-            if round_ != plan.round or client not in plan.tasks or self.client_node.get(client) != node \
-                    or client in got:
+            if round_ != plan.round or client not in sent or self.client_node.get(client) != node or client in got:
                 log.error("round %d: node %s replied for client %d round %d, which it was not asked",
                           plan.round, node, client, round_)
                 continue
             got[client] = reply
-        dropped = sorted(set(plan.clients) - set(got))
-        if dropped:
-            log.warning("round %d: no reply from clients %s", plan.round, dropped)
-        return finish_round(state, self.cfg, plan, got)
+        # An error reply does not say which of a node's clients it was for: its unanswered clients failed.
+        failed = {c for c in sent if c not in got and self.client_node.get(c) in node_failed}
+        lost = {c: ("failed" if c in failed else "late") for c in sent if c not in got}
+        if lost:
+            log.warning("round %d: no upload from clients %s", plan.round, lost)
+        self._last_replies = list(got.values())
+        return finish_round(state, self.cfg, plan, got, {**missing, **lost})
 
     # -------------------------------------------------------------- the run
 
+    def round(self, grid: Grid, state, supports):
+        """One round, as :meth:`cellm.runtime.embedded.Simulator.round` but with the clients on Flower nodes."""
+        from cellm.federated.faults import arrivals
+        from cellm.federated.server import plan_round
+
+        t0 = time.perf_counter()
+        plan = plan_round(state, self.cfg, supports)
+        plan_s = time.perf_counter() - t0
+        fa = self.cfg.faults  # simulated faults, derived from (seed, round, client) as in the embedded runtime
+        arrived, failed, late = arrivals(self.cfg.seed, plan.round, plan.clients, fa.failure_prob, fa.deadline_s,
+                                         fa.client_time_s, fa.time_sigma)
+        missing = {c: "failed" for c in failed} | {c: "late" for c in late}
+        messages = [m for m, c in zip(self.configure_train(plan, grid), plan.clients, strict=True) if c in arrived]
+        replies = self.send(grid, messages, self.options.round_timeout_s)
+        t0 = time.perf_counter()
+        outcome = self.aggregate_train(state, plan, replies, arrived, missing)
+        outcome.overhead_s = plan_s + (time.perf_counter() - t0) + sum(
+            float(r.extra.get("codec_s", 0.0)) for r in self._last_replies)
+        return outcome
+
     def start(self, grid: Grid, setup, on_round: Callable[[Any, dict[str, Any]], None] | None = None):
         """Run every round (after round 0's evaluation), like :func:`cellm.runtime.embedded.simulate`."""
-        from cellm.federated.server import ServerState, masked_weights, plan_round
-        from cellm.runtime.embedded import evaluate_vector, metrics_row
+        from cellm.federated.server import ServerState
+        from cellm.runtime.embedded import evaluate_state, metrics_row, tier_supports
 
         cfg = self.cfg
         t0 = time.perf_counter()
         self.discover(grid, self.options.node_wait_s)
+        supports = tier_supports(cfg, setup.flat)
         state = ServerState(w=setup.flat.get())
-        ev = evaluate_vector(setup, masked_weights(state, cfg, 1), cfg)
+        ev = evaluate_state(setup, state, cfg, 1)
         row = metrics_row(state, None, time.perf_counter() - t0, 0.0, ev, cfg)
         state.metrics.append(row)
         if on_round:
             on_round(state, row)
         while state.round < cfg.rounds:
             r0 = time.perf_counter()
-            self.discover(grid, self.options.node_wait_s)  # nodes may have joined (or be needed again)
-            plan = plan_round(state, cfg)
-            replies = self.send(grid, self.configure_train(plan, grid), self.options.round_timeout_s)
-            outcome = self.aggregate_train(state, plan, replies)
+            self.discover(grid, self.options.node_wait_s)  # nodes may have joined
+            outcome = self.round(grid, state, supports)
             t = state.round
             ev = None
             if t % cfg.fl.eval_every == 0 or t == cfg.rounds:
-                ev = evaluate_vector(setup, masked_weights(state, cfg, t + 1), cfg)
+                ev = evaluate_state(setup, state, cfg, t + 1)
             now = time.perf_counter()
             row = metrics_row(state, outcome, now - t0, now - r0, ev, cfg)
             state.metrics.append(row)
