@@ -6,33 +6,27 @@ import argparse
 import sys
 
 from cellm.errors import CellmError, ConfigError
+from cellm.interface.cliargs import add_config_args, print_summary
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cellm", description="Federated LoRA fine-tuning with sparse communication.")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="Run federated fine-tuning (default: the demo preset).")
-    r.add_argument("--config", help="TOML config file (applied over the preset, if one is given).")
-    r.add_argument("--preset", help="Named preset (see `cellm presets`).")
-    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="Override one field, e.g. --set comm.up_density=0.25 (repeatable).")
+    add_config_args(r)
     r.add_argument("--out", help="Run folder (default runs/<model>-<data>-<time>).")
     r.add_argument("--resume", metavar="DIR", help="Continue the run in DIR from its last checkpoint.")
     r.add_argument("--no-progress", action="store_true", help="No progress bar.")
     cp = sub.add_parser("compare", help="Run several methods on the same data and seeds; write a report.")
     cp.add_argument("methods", nargs="*", help="Method names (see `cellm methods`), when no --sweep file.")
     cp.add_argument("--sweep", help="Sweep TOML file (methods, base preset/config, overrides, custom methods).")
-    cp.add_argument("--preset", help="Base preset for methods given on the command line.")
-    cp.add_argument("--config", help="Base config file for methods given on the command line.")
-    cp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_config_args(cp, " of the methods given on the command line")
     cp.add_argument("--reference", default="dense", help="Method whose final metric sets the target.")
     cp.add_argument("--slack", type=float, default=0.01, help="Target = reference final - slack (x(1+slack) for perplexity).")
     cp.add_argument("--out", required=True, help="Sweep folder (re-running it resumes).")
     cp.add_argument("--jobs", type=int, default=1, help="Methods run in parallel processes.")
     sr = sub.add_parser("search", help="Choose LoRA rank and density under a byte budget (FLASC-Search).")
-    sr.add_argument("--preset")
-    sr.add_argument("--config")
-    sr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_config_args(sr)
     sr.add_argument("--budget", type=float, required=True, help="Most bytes a short run may use (e.g. 5e7).")
     sr.add_argument("--short-rounds", type=int, default=10, help="Rounds of each short run.")
     sr.add_argument("--start-rank", type=int, default=1)
@@ -47,16 +41,14 @@ def _parser() -> argparse.ArgumentParser:
     flower_cli.add_parser(sub)
     sub.add_parser("presets", help="List presets.")
     c = sub.add_parser("config", help="Print the resolved config, or every field with its help.")
-    c.add_argument("--config")
-    c.add_argument("--preset")
-    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_config_args(c)
     c.add_argument("--fields", action="store_true", help="List every config field, its default and help.")
     return p
 
 
 def _run(args: argparse.Namespace) -> int:
     from cellm.config import load_config
-    from cellm.interface.api import resume, run, summary
+    from cellm.interface.api import resume, run
 
     if args.resume:
         if args.config or args.preset or args.overrides or args.out:
@@ -65,11 +57,7 @@ def _run(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(args.config, preset=args.preset, overrides=args.overrides)
         result = run(cfg, args.out, progress=not args.no_progress)
-    s = summary(result)
-    print(f"run folder: {result.out_dir}")
-    print(f"{s['metric']}: {s['initial']:.4f} at round 0 -> {s['final']:.4f} after {s['rounds']} rounds")
-    print(f"bytes on the wire: {s['total_bytes']:,} (down {s['down_bytes']:,}, up {s['up_bytes']:,}); "
-          f"nonzeros sent: down {s['down_nonzeros']:,}, up {s['up_nonzeros']:,}; wall {s['wall_s']:.0f} s")
+    print_summary(result)
     return 0
 
 

@@ -22,15 +22,9 @@ import tempfile
 from pathlib import Path
 
 from cellm.errors import ConfigError
+from cellm.interface.cliargs import add_config_args, print_summary
 
 EXTRA_HINT = "cellm flower needs Flower: pip install 'cellm[flower]'"
-
-
-def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="TOML config file (applied over the preset, if one is given).")
-    p.add_argument("--preset", help="Named preset (see `cellm presets`).")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="Override one field, e.g. --set comm.up_density=0.25 (repeatable).")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -39,7 +33,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     fsub = f.add_subparsers(dest="flower_command", required=True)
 
     s = fsub.add_parser("sim", help="Flower's simulation runtime (Ray), in this process.")
-    _config_args(s)
+    add_config_args(s)
     s.add_argument("--out", help="Run folder (default runs/<model>-<data>-<time>).")
     s.add_argument("--supernodes", type=int, help="Virtual SuperNodes (default: one per cellm client).")
     s.add_argument("--workers", type=int, help="Parallel Ray workers (default: min(clients per round, CPUs)).")
@@ -48,7 +42,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true", help="No progress bar.")
 
     r = fsub.add_parser("run", help="Submit the run to a SuperLink (flwr run with the resolved config).")
-    _config_args(r)
+    add_config_args(r)
     r.add_argument("--superlink", required=True,
                    help="Name of a [superlink.NAME] connection in $FLWR_HOME/config.toml (default ~/.flwr).")
     r.add_argument("--out", help="Run folder, on the SuperLink machine (default: runs/<model>-<data>-<time> "
@@ -95,7 +89,7 @@ def _load(args: argparse.Namespace):
 
 
 def _sim(args: argparse.Namespace) -> int:
-    from cellm.interface.api import default_out_dir, summary
+    from cellm.interface.api import default_out_dir
     from cellm.runtime.flower.sim import run_flower_simulation
 
     cfg = _load(args)
@@ -104,11 +98,7 @@ def _sim(args: argparse.Namespace) -> int:
         raise ConfigError(f"run folder {out} already exists and is not empty; choose another --out")
     result = run_flower_simulation(cfg, out, num_supernodes=args.supernodes, workers=args.workers,
                                    torch_threads=args.threads, progress=not args.no_progress)
-    s = summary(result)
-    print(f"run folder: {result.out_dir}")
-    print(f"{s['metric']}: {s['initial']:.4f} at round 0 -> {s['final']:.4f} after {s['rounds']} rounds (Flower)")
-    print(f"bytes on the wire: {s['total_bytes']:,} (down {s['down_bytes']:,}, up {s['up_bytes']:,}); "
-          f"nonzeros sent: down {s['down_nonzeros']:,}, up {s['up_nonzeros']:,}; wall {s['wall_s']:.0f} s")
+    print_summary(result, " (Flower)")
     return 0
 
 
