@@ -297,7 +297,7 @@ def _check_choices(cfg: Any, prefix: str) -> None:
 
 def validate(cfg: CellmConfig) -> None:
     """Range checks that need no assets. Raises ConfigError naming the field."""
-    from cellm.data import DATASETS
+    from cellm.data import DATASETS, TASKS
     from cellm.models.registry import MODELS
 
     _check_choices(cfg, "")
@@ -317,7 +317,7 @@ def validate(cfg: CellmConfig) -> None:
     _check(0.0 < d.test_fraction < 1.0, "data.test_fraction", f"must be in (0, 1); got {d.test_fraction}")
     _check(d.max_test_examples >= 0, "data.max_test_examples", f"must be >= 0; got {d.max_test_examples}")
     task = MODELS[m.name].task
-    want = "classification" if d.name == "bbc" else "causal_lm"
+    want = TASKS[d.name][0]
     _check(task == want, "data.name",
            f"'{d.name}' is a {want} dataset but model '{m.name}' is a {task} model; pick a matching pair")
     f = cfg.fl

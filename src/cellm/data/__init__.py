@@ -22,8 +22,11 @@ from cellm.data.types import FederatedData, Split
 from cellm.errors import ConfigError
 
 DATASETS = ("bbc", "shakespeare", "chitchat")
+# (task, number of classes): what a model must be to train on each dataset, known before anything is loaded
+TASKS: dict[str, tuple[str, int | None]] = {
+    "bbc": ("classification", 5), "shakespeare": ("causal_lm", None), "chitchat": ("causal_lm", None)}
 
-__all__ = ["DATASETS", "DataConfigError", "FederatedData", "Split", "load_federated"]
+__all__ = ["DATASETS", "TASKS", "DataConfigError", "FederatedData", "Split", "load_federated"]
 
 
 def load_federated(

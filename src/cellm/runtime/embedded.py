@@ -15,7 +15,7 @@ import torch
 
 from cellm.config import CellmConfig
 from cellm.core.dp import epsilon as dp_epsilon
-from cellm.data import load_federated
+from cellm.data import TASKS, load_federated
 from cellm.data.types import FederatedData
 from cellm.federated.client import ClientReply, ClientState, client_update
 from cellm.federated.faults import arrivals
@@ -47,15 +47,16 @@ class Setup:
 def load_setup(cfg: CellmConfig) -> Setup:
     spec = MODELS[cfg.model.name]
     m, d = cfg.model, cfg.data
-    # Load data first with the model's tokenizer; the data decides num_labels of a classifier head.
+    num_labels = TASKS[d.name][1]  # a classifier's head is sized by the dataset
     lm = load_model(m.name, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
-                    target_modules=m.target_modules, num_labels=5 if spec.task == "classification" else None,
-                    seed=cfg.seed, freeze_a=m.freeze_a)
+                    target_modules=m.target_modules, num_labels=num_labels, seed=cfg.seed, freeze_a=m.freeze_a)
     data = load_federated(
         d.name, lm.tokenizer, spec.tokenizer_id, num_clients=d.num_clients, seq_len=d.seq_len,
         min_client_size=d.min_client_size, dirichlet_alpha=d.dirichlet_alpha, test_fraction=d.test_fraction,
         max_test_examples=d.max_test_examples or None, seed=cfg.seed, cache_dir=d.cache_dir or None,
     )
+    if data.num_labels != num_labels:
+        raise ValueError(f"dataset {d.name} has {data.num_labels} classes, expected {num_labels}")
     return Setup(lm, FlatView(lm.model), data)
 
 
