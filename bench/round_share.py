@@ -24,7 +24,8 @@ def share(run: Path) -> tuple[int, float, float]:
 def main(paths: list[str]) -> None:
     if not paths:
         sys.exit(__doc__)
-    print("| run | rounds | coding + aggregation + server step (s) | round time without eval (s) | share |")
+    print("| run | rounds | coding + aggregation + server step (s) | round time (s; without eval where eval_s "
+          "is recorded) | share |")
     print("|---|---|---|---|---|")
     for p in paths:
         n, over, train = share(Path(p))
