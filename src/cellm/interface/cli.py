@@ -33,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     sr.add_argument("--start-density", type=float, default=1 / 64)
     sr.add_argument("--max-rank", type=int, default=64)
     sr.add_argument("--min-gain", type=float, default=0.005, help="Smallest metric gain that counts as progress.")
+    sr.add_argument("--patience", type=int, default=2, help="Steps without progress before the search stops.")
     sr.add_argument("--out", required=True, help="Search folder (re-running it reuses finished short runs).")
     sr.add_argument("--jobs", type=int, default=1, help="Candidates run in parallel processes.")
     sub.add_parser("methods", help="List the built-in methods for `cellm compare`.")
@@ -92,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"--short-rounds must be >= 1; got {args.short_rounds}")
             base = load_config(args.config, preset=args.preset, overrides=args.overrides)
             spec = SearchSpec(budget_bytes=int(args.budget), start_rank=args.start_rank,
-                              start_density=args.start_density, max_rank=args.max_rank, min_gain=args.min_gain)
+                              start_density=args.start_density, max_rank=args.max_rank, min_gain=args.min_gain,
+                              patience=args.patience)
             res = run_search(base, args.overrides, args.preset, args.config, spec, args.out, args.short_rounds,
                              jobs=args.jobs)
             print(f"chosen: rank {res.rank}, density {res.density:g} -> {args.out}/chosen.toml")

@@ -1,8 +1,10 @@
 """``cellm search``: choose LoRA rank and density under a communication budget (FLASC-Search).
 
 From a small rank and a low density, each step runs two short federated runs — one with the rank raised, one
-with the density raised — and keeps the one that gains more metric per byte. It stops when neither candidate
-fits the budget, or neither improves the metric by at least ``min_gain``. Short runs are ordinary run folders
+with the density raised — and moves to the one that gains more metric per byte (within the budget). It stops
+when neither candidate fits the budget, or when ``patience`` steps in a row have not raised the best metric by
+at least ``min_gain`` (short runs are noisy: one bad step should not end the search). The result is the best
+configuration seen on the path. Short runs are ordinary run folders
 under ``<out>/runs/`` run through the sweep runner, so a repeated search reuses every finished run.
 """
 
@@ -30,6 +32,7 @@ class SearchSpec:
     max_rank: int = 64
     min_gain: float = 0.005
     max_steps: int = 12
+    patience: int = 2
     higher_better: bool = True
 
     def validate(self) -> None:
@@ -39,6 +42,8 @@ class SearchSpec:
             raise ConfigError(f"search start rank must be in [1, max_rank]; got {self.start_rank}")
         if not 0 < self.start_density <= 1:
             raise ConfigError(f"search start density must be in (0, 1]; got {self.start_density}")
+        if self.patience < 1:
+            raise ConfigError(f"search patience must be >= 1; got {self.patience}")
         if self.rank_factor < 2 or self.density_factor <= 1:
             raise ConfigError("search rank_factor must be >= 2 and density_factor > 1")
 
@@ -76,6 +81,7 @@ def search(spec: SearchSpec, evaluate: Evaluate, log: Callable[[str], None] = pr
 
     cur = (spec.start_rank, spec.start_density)
     ev([cur])
+    best_point, stale = cur, 0
     steps: list[Step] = []
     while len(steps) < spec.max_steps:
         m, b = seen[cur]
@@ -86,7 +92,7 @@ def search(spec: SearchSpec, evaluate: Evaluate, log: Callable[[str], None] = pr
         if cur[1] < 1.0:
             cands.append(("density", (cur[0], min(1.0, cur[1] * spec.density_factor))))
         ev([p for _, p in cands])
-        best = None
+        move = None
         for kind, p in cands:
             cm, cb = seen[p]
             gain = sign * (cm - m)
@@ -94,24 +100,29 @@ def search(spec: SearchSpec, evaluate: Evaluate, log: Callable[[str], None] = pr
             fits = cb <= spec.budget_bytes
             step.candidates.append({"move": kind, "rank": p[0], "density": p[1], "metric": cm, "bytes": cb,
                                     "gain": gain, "gain_per_byte": gpb, "fits": fits})
-            if fits and gain >= spec.min_gain and (best is None or gpb > best[0]):
-                best = (gpb, kind, p)
-        if best is None:
-            if not cands:
-                step.choice = "stop: nothing left to raise"
-            elif not any(c["fits"] for c in step.candidates):
-                step.choice = "stop: every candidate exceeds the budget"
-            else:
-                step.choice = f"stop: no candidate within budget improves by >= {spec.min_gain}"
+            if fits and (move is None or gpb > move[0]):
+                move = (gpb, kind, p)
+        if move is None:
+            step.choice = ("stop: nothing left to raise" if not cands
+                           else "stop: every candidate exceeds the budget")
             steps.append(step)
             log(_describe(step))
             break
-        step.choice = best[1]
+        cur = move[2]
+        if sign * (seen[cur][0] - seen[best_point][0]) >= spec.min_gain:
+            best_point, stale = cur, 0
+        else:
+            stale += 1
+        step.choice = move[1]
+        if stale >= spec.patience:
+            step.choice += f"; stop: {stale} steps without a gain of >= {spec.min_gain} over the best"
+            steps.append(step)
+            log(_describe(step))
+            break
         steps.append(step)
         log(_describe(step))
-        cur = best[2]
-    m, b = seen[cur]
-    return SearchResult(steps, cur[0], cur[1], m, b, len(seen))
+    m, b = seen[best_point]
+    return SearchResult(steps, best_point[0], best_point[1], m, b, len(seen))
 
 
 def _describe(step: Step) -> str:
