@@ -58,6 +58,9 @@ def _load_minilm(num_labels: int | None):
 def _load_smollm2(num_labels: int | None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the GGUF de-quantization bar would break the rounds' progress bar
     d = str(smollm2_dir())
     tok = AutoTokenizer.from_pretrained(d, gguf_file=SMOLLM2_GGUF)
     model = AutoModelForCausalLM.from_pretrained(d, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
