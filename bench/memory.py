@@ -18,7 +18,7 @@ import sys
 def child(model: str, clients: int, rounds: int) -> None:
     import cellm
 
-    overrides = [f"model.name='{model}'", f"data.num_clients={clients}", "data.min_client_size=2",
+    overrides = [f"model.name='{model}'", f"data.num_clients={clients}", "data.min_client_size=1", "data.dirichlet_alpha=10.0",
                  f"rounds={rounds}", "fl.clients_per_round=5", f"fl.eval_every={rounds}",
                  "data.max_test_examples=128", "comm.error_feedback_up=true"]
     cfg = cellm.load_config(preset="demo", overrides=overrides)
