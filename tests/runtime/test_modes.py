@@ -56,3 +56,13 @@ def test_int8_values_cut_upload_bytes_roughly_fourfold(cache_dir):
     _, int8, _ = _run(cache_dir, "comm.up_density=1.0", "comm.codec_up=int8")
     ratio = fp32.ledger.totals()["up_bytes"] / int8.ledger.totals()["up_bytes"]
     assert 3.2 < ratio < 4.1  # values shrink 4x; positions (none when dense), scales and header do not
+
+
+def test_delta_mode_evaluates_and_saves_the_global_adapter_that_stateful_clients_track(cache_dir):
+    cfg, state, _ = _run(cache_dir, "comm.download_mode=delta", "comm.down_density=0.25")
+    from cellm.federated.server import masked_weights, model_weights
+
+    assert torch.equal(model_weights(state, cfg, 5), state.w)
+    assert int((masked_weights(state, cfg, 5) != 0).sum()) < int((state.w != 0).sum())
+    weights_cfg = cellm.load_config(preset="tiny", overrides=[f"data.cache_dir='{cache_dir}'", "comm.down_density=0.25"])
+    assert torch.equal(model_weights(state, weights_cfg, 5), masked_weights(state, weights_cfg, 5))

@@ -120,6 +120,17 @@ def masked_weights(state: ServerState, cfg: CellmConfig, round_: int, d_down: fl
     return state.w.clone() if m is None else state.w * m
 
 
+def model_weights(state: ServerState, cfg: CellmConfig, round_: int) -> torch.Tensor:
+    """The adapter a client works with, which evaluation and the saved adapter use.
+
+    Weights mode: w * M, what a stateless client receives. Delta mode: w itself, which each stateful client's
+    copy tracks (its copy holds every entry, not only the top-k).
+    """
+    if cfg.comm.download_mode == "delta":
+        return state.w.clone()
+    return masked_weights(state, cfg, round_)
+
+
 @dataclass
 class RoundPlan:
     round: int

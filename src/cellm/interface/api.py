@@ -14,7 +14,7 @@ import torch
 from cellm.config import CellmConfig, load_config
 from cellm.errors import ConfigError
 from cellm.federated.client import ClientState
-from cellm.federated.server import ServerState, masked_weights
+from cellm.federated.server import ServerState, model_weights
 from cellm.interface import runfolder as rf
 from cellm.models.evaluate import primary_metric
 from cellm.runtime.embedded import Setup, Simulator, load_setup, simulate
@@ -121,7 +121,7 @@ class RunRecorder:
         """Set the final (evaluated) adapter into the model, save it, the metrics, summary and plot."""
         self.close()
         cfg = self.cfg
-        setup.flat.set(masked_weights(state, cfg, state.round + 1))
+        setup.flat.set(model_weights(state, cfg, state.round + 1))
         from peft import get_peft_model_state_dict
 
         adapter = {k: v.detach().clone() for k, v in get_peft_model_state_dict(setup.lm.model).items()}

@@ -57,7 +57,6 @@ def _load_minilm(num_labels: int | None):
 
 def _load_smollm2(num_labels: int | None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the GGUF de-quantization bar would break the rounds' progress bar

@@ -25,6 +25,7 @@ from cellm.federated.server import (
     densities,
     finish_round,
     masked_weights,
+    model_weights,
     plan_round,
     tier_factor,
     tier_rank,
@@ -73,7 +74,7 @@ def tier_supports(cfg: CellmConfig, flat: FlatView) -> dict[int, torch.Tensor] |
 
 def evaluate_state(setup: Setup, state: ServerState, cfg: CellmConfig, round_: int) -> dict[str, float]:
     """The global masked model's metrics, plus each tier's own masked model when clients are tiered."""
-    out = evaluate_vector(setup, masked_weights(state, cfg, round_), cfg)
+    out = evaluate_vector(setup, model_weights(state, cfg, round_), cfg)
     if cfg.hetero.mode != "none":
         supports = tier_supports(cfg, setup.flat) or {}
         d_down, _ = densities(cfg, round_)
