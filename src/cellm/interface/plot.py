@@ -16,11 +16,12 @@ def plot_runs(runs: Sequence[tuple[str, list[dict[str, Any]]]], metric: str, pat
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    for label, rows in runs:
+    for i, (label, rows) in enumerate(runs):
         pts = [(max(r["cum_bytes"], 1), r["eval"][metric]) for r in rows if "eval" in r and metric in r["eval"]]
         if pts:
             xs, ys = zip(*pts, strict=True)
-            ax.plot(xs, ys, marker="o", markersize=3, label=label)
+            # ten colours, then the same colours dashed: every line stays distinguishable
+            ax.plot(xs, ys, marker="o", markersize=3, label=label, linestyle="-" if i < 10 else "--")
     ax.set_xscale("log")
     ax.set_xlabel("cumulative bytes on the wire (up + down)")
     ax.set_ylabel(f"held-out {metric}")
