@@ -128,6 +128,10 @@ class HeteroConfig:
 @dataclass
 class RunConfig:
     checkpoint_every: int = _f(1, "Write the whole server and client state to the run folder every this many rounds; 0 = never.")
+    threads: int = _f(0, "Torch CPU threads for every computation of the run (the sum order of a matmul depends on it, so "
+                         "results are bit-identical only at the same count). 0 = decided at start: OMP_NUM_THREADS if "
+                         "set, else torch's default; the run folder's config.toml records the number, and a resume, "
+                         "Flower workers and ClientApps use it whatever their environment says.")
 
 
 @dataclass
@@ -348,6 +352,7 @@ def validate(cfg: CellmConfig) -> None:
     _check(k.freeze_mask_after >= 0, "comm.freeze_mask_after", f"must be >= 0; got {k.freeze_mask_after}")
     _check(k.int8_block >= 1, "comm.int8_block", f"must be >= 1; got {k.int8_block}")
     _check(0 <= k.zstd_level <= 22, "comm.zstd_level", f"must be in [0, 22]; got {k.zstd_level}")
+    _check(cfg.run.threads >= 0, "run.threads", f"must be >= 0 (0 = decide at start); got {cfg.run.threads}")
     _check(cfg.run.checkpoint_every >= 0, "run.checkpoint_every", f"must be >= 0; got {cfg.run.checkpoint_every}")
     fa = cfg.faults
     _check(0.0 <= fa.failure_prob < 1.0, "faults.failure_prob", f"must be in [0, 1); got {fa.failure_prob}")

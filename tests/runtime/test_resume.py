@@ -4,16 +4,24 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 
 from safetensors.torch import load_file
 
 from cellm.interface import runfolder as rf
 
 
+def _env(omp_threads: str | None) -> dict[str, str]:
+    """This environment with OMP_NUM_THREADS set to ``omp_threads``, or removed (torch's default) when None."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    if omp_threads is not None:
+        env["OMP_NUM_THREADS"] = omp_threads
+    return env
+
+
 def _start(args, cwd):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, "-m", "cellm.cli", "run", "--no-progress", *args], cwd=cwd,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env("1"))
 
 
 def _last_round(out):
@@ -25,9 +33,14 @@ def _last_round(out):
         return -1
 
 
-def test_a_run_killed_with_sigkill_resumes_to_the_same_adapter_and_ledger(tmp_path, cache_dir):
+def test_a_run_killed_under_one_thread_resumes_under_the_default_to_the_same_adapter_and_ledger(
+        tmp_path, cache_dir):
+    """The trap: the run starts under OMP_NUM_THREADS=1 and is resumed in a shell without it. The run folder
+    records its thread count, so the resumed rounds run with 1 thread too and equal an uninterrupted 1-thread
+    run (started, here, also from a shell without OMP_NUM_THREADS, with the count given as run.threads)."""
     overrides = ["--preset", "tiny", "--set", "rounds=30", "--set", f"data.cache_dir='{cache_dir}'",
-                 "--set", "comm.error_feedback_up=true", "--set", "fl.eval_every=5"]
+                 "--set", "comm.error_feedback_up=true", "--set", "fl.eval_every=5",
+                 "--set", "model.lora_rank=16", "--set", "fl.batch_size=32"]
     full, killed = tmp_path / "full", tmp_path / "killed"
     proc = _start([*overrides, "--out", str(killed)], tmp_path)
     deadline = time.time() + 180
@@ -37,11 +50,14 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_adapter_and_ledger(tmp_pa
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     assert _last_round(killed) < 30
+    with open(killed / rf.CONFIG, "rb") as fh:
+        assert tomllib.load(fh)["run"]["threads"] == 1  # resolved from OMP_NUM_THREADS and recorded
     res = subprocess.run([sys.executable, "-m", "cellm.cli", "run", "--no-progress", "--resume", str(killed)],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300, env=_env(None))
     assert res.returncode == 0, res.stderr
     ref = subprocess.run([sys.executable, "-m", "cellm.cli", "run", "--no-progress", *overrides,
-                          "--out", str(full)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                          "--set", "run.threads=1", "--out", str(full)], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300, env=_env(None))
     assert ref.returncode == 0, ref.stderr
     a = load_file(full / "adapter" / "adapter_model.safetensors")
     b = load_file(killed / "adapter" / "adapter_model.safetensors")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import tomllib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from cellm.federated.server import ServerState, model_weights
 from cellm.interface import runfolder as rf
 from cellm.models.evaluate import primary_metric
 from cellm.runtime.embedded import Setup, Simulator, load_setup, simulate
+from cellm.runtime.threads import pin_threads, using_threads
 
 
 @dataclass
@@ -68,11 +71,18 @@ def run(config: CellmConfig | dict | str | Path | None = None, out: str | Path |
     """Run a federated fine-tuning job; with ``save`` it writes a run folder (default runs/<model>-<data>-<time>).
 
     Everything that can fail on bad input (config, assets, an existing folder) fails before the folder exists.
+    The run uses ``run.threads`` torch threads (resolved here when 0, and recorded in the folder's config);
+    the caller's own thread count is restored afterwards.
     """
-    cfg = _as_config(config)
+    cfg = pin_threads(_as_config(config))
     out_dir = Path(out) if out is not None else (default_out_dir(cfg) if save else None)
     if out_dir is not None and out_dir.exists() and any(out_dir.iterdir()):
         raise ConfigError(f"run folder {out_dir} already exists and is not empty; choose another --out")
+    with using_threads(cfg.run.threads):
+        return _start(cfg, out_dir, progress)
+
+
+def _start(cfg: CellmConfig, out_dir: Path | None, progress: bool) -> RunResult:
     setup = load_setup(cfg)  # AssetError / ConfigError surface here, before any file is written
     created = False
     if out_dir is not None:
@@ -168,7 +178,10 @@ def _execute(cfg: CellmConfig, setup: Setup, out_dir: Path | None, progress: boo
 
 
 def resume(out: str | Path, *, progress: bool = False) -> RunResult:
-    """Continue the run in ``out`` from its last checkpoint; the result equals an uninterrupted run's."""
+    """Continue the run in ``out`` from its last checkpoint; the result equals an uninterrupted run's.
+
+    The run keeps the thread count recorded in its config.toml, whatever the environment says now.
+    """
     out_dir = Path(out)
     if not (out_dir / rf.CHECKPOINT).exists():
         raise ConfigError(f"cannot resume: {out_dir / rf.CHECKPOINT} not found (run.checkpoint_every = 0, "
@@ -178,10 +191,19 @@ def resume(out: str | Path, *, progress: bool = False) -> RunResult:
         ckpt = rf.load_checkpoint(out_dir)
     except Exception as exc:  # a torn or foreign file: say which
         raise ConfigError(f"cannot resume: checkpoint {out_dir / rf.CHECKPOINT} is unreadable ({exc})") from None
-    if ckpt.get("config") != cfg.to_toml():
+    try:
+        same = load_config(data=tomllib.loads(str(ckpt.get("config")))) == cfg
+    except (ConfigError, tomllib.TOMLDecodeError):
+        same = False
+    if not same:
         raise ConfigError(f"cannot resume: {out_dir / rf.CONFIG} differs from the config in the checkpoint")
-    setup = load_setup(cfg)
-    return _execute(cfg, setup, out_dir, progress, checkpoint=ckpt)
+    if cfg.run.threads < 1:  # a folder written before run.threads existed: the best guess is this shell's
+        cfg = pin_threads(cfg)
+        warnings.warn(f"{out_dir / rf.CONFIG} records no thread count; resuming with {cfg.run.threads} torch "
+                      "threads (the resumed rounds are exact only if the run started with as many)", stacklevel=2)
+    with using_threads(cfg.run.threads):
+        setup = load_setup(cfg)
+        return _execute(cfg, setup, out_dir, progress, checkpoint=ckpt)
 
 
 def summary(result: RunResult) -> dict[str, Any]:

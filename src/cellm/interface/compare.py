@@ -16,6 +16,7 @@ not run again; a method with a checkpoint is resumed; so a sweep cut short conti
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -98,9 +99,7 @@ def _status(d: Path) -> str:
 
 
 def _run_one(cfg_toml: str, out: str, threads: int) -> str:
-    import torch
-
-    torch.set_num_threads(threads)
+    """Run or resume one method; a config that leaves run.threads at 0 gets the sweep's share of the cores."""
     from cellm.interface.api import resume, run
 
     d = Path(out)
@@ -110,9 +109,10 @@ def _run_one(cfg_toml: str, out: str, threads: int) -> str:
     else:
         if d.exists():
             shutil.rmtree(d)  # stopped before its first checkpoint: nothing worth keeping
-        import tomllib as _t
-
-        run(load_config(data=_t.loads(cfg_toml)), d)
+        cfg = load_config(data=tomllib.loads(cfg_toml))
+        if cfg.run.threads == 0:
+            cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, threads=threads))
+        run(cfg, d)
     return out
 
 

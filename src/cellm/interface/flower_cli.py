@@ -37,8 +37,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--out", help="Run folder (default runs/<model>-<data>-<time>).")
     s.add_argument("--supernodes", type=int, help="Virtual SuperNodes (default: one per cellm client).")
     s.add_argument("--workers", type=int, help="Parallel Ray workers (default: min(clients per round, CPUs)).")
-    s.add_argument("--threads", type=int, help="Torch threads per worker (default: as `cellm run` here, which "
-                                                "bit-identical results need).")
+    s.add_argument("--threads", type=int, help="Torch threads of the server and each worker when the config's "
+                                                "run.threads is 0 (default: as `cellm run` would resolve it here).")
     s.add_argument("--no-progress", action="store_true", help="No progress bar.")
 
     r = fsub.add_parser("run", help="Submit the run to a SuperLink (flwr run with the resolved config).")

@@ -15,6 +15,7 @@ Node config keys read here (``flower-supernode --node-config '...'``): ``partiti
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Any
 
@@ -26,15 +27,28 @@ from cellm.runtime.flower import protocol as P
 app = ClientApp()
 
 _SETUP_CACHE: dict[str, Any] = {}  # config digest -> (cfg, Setup): one model + data per process
+_LOGGED_OVERRIDES: set[int] = set()
+log = logging.getLogger(__name__)
 
 
-def _threads(context: Context) -> None:
-    n = context.node_config.get("torch-threads", os.environ.get("CELLM_TORCH_THREADS"))
-    if n not in (None, "", 0, "0"):
-        import torch
+def _threads(context: Context, run_threads: int) -> None:
+    """Train with the run's thread count; a node override (``torch-threads``, env ``CELLM_TORCH_THREADS``) wins
+    and is logged when it differs, since it makes this node's updates differ from an embedded run's at rounding
+    level."""
+    import torch
 
-        if torch.get_num_threads() != int(n):
-            torch.set_num_threads(int(n))
+    raw = context.node_config.get("torch-threads", os.environ.get("CELLM_TORCH_THREADS"))
+    n = run_threads
+    if raw not in (None, "", 0, "0"):
+        override = int(raw)
+        if override != run_threads and override not in _LOGGED_OVERRIDES:
+            _LOGGED_OVERRIDES.add(override)
+            log.warning("cellm: this node trains with %d torch threads (node override) while the run's "
+                        "run.threads is %d; its updates are not bit-identical to a run at %d threads",
+                        override, run_threads, run_threads)
+        n = override
+    if n > 0 and torch.get_num_threads() != n:
+        torch.set_num_threads(n)
 
 
 def _node_config(context: Context) -> dict[str, Any]:
@@ -56,6 +70,7 @@ def _config_and_setup(context: Context, digest: str):
         from cellm.runtime.embedded import load_setup
 
         cfg = load_config(data=tomllib.loads(str(rec["config"])))
+        _threads(context, cfg.run.threads)  # before the model is built
         cache_dir = context.node_config.get("cache-dir")
         if cache_dir is not None:  # where this machine caches tokenized data: not part of the algorithm
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, cache_dir=str(cache_dir)))
@@ -89,9 +104,9 @@ def train(msg: Message, context: Context) -> Message:
     from cellm.federated.client import client_update
     from cellm.federated.server import train_spec
 
-    _threads(context)
     task, digest = P.read_task(msg.content)
     cfg, setup_ = _config_and_setup(context, digest)
+    _threads(context, cfg.run.threads)
     served = P.served_clients(_node_config(context), cfg.data.num_clients)
     if task.client not in served:
         raise P.ProtocolError(f"this node serves cellm clients {served}, not client {task.client}")

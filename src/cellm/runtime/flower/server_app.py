@@ -35,6 +35,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from cellm.config import CellmConfig
 from cellm.runtime.flower import protocol as P
+from cellm.runtime.threads import pin_threads, using_threads
 
 log = logging.getLogger("cellm.flower")
 
@@ -234,14 +235,22 @@ class CellmStrategy:
 def run_server(grid: Grid, cfg: CellmConfig, out: str | Path | None, options: DriverOptions = DriverOptions()):
     """Run a cellm job over ``grid``; with ``out`` write the run folder. Returns a RunResult."""
     from cellm.errors import ConfigError
+
+    out_dir = Path(out) if out is not None else None
+    if out_dir is not None and out_dir.exists() and any(out_dir.iterdir()):
+        raise ConfigError(f"run folder {out_dir} already exists and is not empty; choose another out")
+    cfg = pin_threads(cfg)  # the nodes get the resolved count with the config
+    log.info("torch threads: %d (run.threads)", cfg.run.threads)
+    with using_threads(cfg.run.threads):
+        return _serve(grid, cfg, out_dir, options)
+
+
+def _serve(grid: Grid, cfg: CellmConfig, out_dir: Path | None, options: DriverOptions):
     from cellm.interface import runfolder as rf
     from cellm.interface.api import RunRecorder
     from cellm.models.evaluate import primary_metric
     from cellm.runtime.embedded import load_setup
 
-    out_dir = Path(out) if out is not None else None
-    if out_dir is not None and out_dir.exists() and any(out_dir.iterdir()):
-        raise ConfigError(f"run folder {out_dir} already exists and is not empty; choose another out")
     strategy = CellmStrategy(cfg, options)
     # Load the server's model and data while the nodes answer the setup message (each answer starts a process).
     with ThreadPoolExecutor(max_workers=1) as pool:

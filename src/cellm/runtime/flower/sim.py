@@ -7,11 +7,13 @@ clients ``c`` with ``c % n == i`` (by default ``n`` = number of cellm clients: o
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 from cellm.config import CellmConfig
 from cellm.runtime.flower.server_app import DriverOptions, make_server_app
+from cellm.runtime.threads import pin_threads
 
 
 def run_flower_simulation(cfg: CellmConfig, out: str | Path | None = None, *, num_supernodes: int | None = None,
@@ -20,14 +22,13 @@ def run_flower_simulation(cfg: CellmConfig, out: str | Path | None = None, *, nu
     """Run ``cfg`` on Flower's simulation runtime; returns the same RunResult as :func:`cellm.run`.
 
     ``workers``: Ray actors training in parallel (each loads the model once); default min(clients per round,
-    CPUs). ``num_supernodes``: virtual SuperNodes (default: one per cellm client). ``torch_threads``: torch threads
-    in each worker; default ``CELLM_TORCH_THREADS`` if set, else this process's ``torch.get_num_threads()``, so
-    that client training sums in the same order as ``cellm.run`` here (bit-identical results need it).
+    CPUs). ``num_supernodes``: virtual SuperNodes (default: one per cellm client). ``torch_threads``: sets
+    ``run.threads`` when the config leaves it at 0; it is resolved here as ``cellm.run`` would resolve it, and the
+    server and every worker's ClientApp train and evaluate with that count (bit-identical results need it).
     """
-    import torch
-
-    threads = torch_threads or int(os.environ.get("CELLM_TORCH_THREADS") or 0) or torch.get_num_threads()
-    os.environ["CELLM_TORCH_THREADS"] = str(threads)  # Ray workers inherit it; the ClientApp applies it
+    if torch_threads and cfg.run.threads == 0:
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, threads=torch_threads))
+    cfg = pin_threads(cfg)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
