@@ -17,6 +17,7 @@ import tomli_w
 from cellm.errors import ConfigError
 
 PRESET_DIR = Path(__file__).parent / "presets"
+VALUE_CODECS = ("fp32", "fp16", "bf16", "int8", "int4", "int2")
 
 
 def _f(default: Any, help: str, choices: tuple | None = None) -> Any:
@@ -89,12 +90,13 @@ class CommConfig:
     decay_every: int = _f(1, "Rounds between density decays.")
     freeze_mask_after: int = _f(0, "Compute the download mask once after this many rounds and keep it (pruned LoRA); 0 = recompute every round.")
     client_freeze: bool = _f(False, "Clients train and upload only on the download support (gradients multiplied by the mask).")
-    codec_down: str = _f("fp32", "Value coding of downloads: fp32, fp16, bf16 or int8.", ("fp32", "fp16", "bf16", "int8"))
-    codec_up: str = _f("fp32", "Value coding of uploads: fp32, fp16, bf16 or int8.", ("fp32", "fp16", "bf16", "int8"))
-    int8_block: int = _f(256, "Values per int8 scale block.")
+    codec_down: str = _f("fp32", "Value coding of downloads: fp32, fp16, bf16, or int8 / int4 / int2 (ternary) with a block absmax scale.", VALUE_CODECS)
+    codec_up: str = _f("fp32", "Value coding of uploads: as codec_down.", VALUE_CODECS)
+    int8_block: int = _f(256, "Values per scale block of the int8, int4 and int2 codecs.")
     zstd_level: int = _f(0, "zstd level applied on top of each message; 0 = off.")
     positions: str = _f("auto", "Position coding: auto (cheapest per message), bitmap or gaps.", ("auto", "bitmap", "gaps"))
     error_feedback_up: bool = _f(False, "Clients keep what top-k and quantization dropped and add it to their next upload.")
+    init_relative: bool = _f(False, "Downloads carry the top-k of w - w0, where w0 is the seeded initial adapter (LoRA A's init, B = 0, the head's init) that every client regenerates from the config and never receives; clients start from w0 + M * (w - w0). FLASC (false) sends the top-k of w itself, which spends its first rounds on A's random init.")
     download_mode: str = _f("weights", "weights: top-k of w to stateless clients (FLASC); delta: sparse change since each client's last copy (stateful clients).", ("weights", "delta"))
 
 

@@ -99,19 +99,25 @@ def transmitted_scales(data):
     return np.frombuffer(body[h.pos_len : h.pos_len + h.scale_len], dtype).astype(np.float64), h.block_size
 
 
+LEVELS = {"int8": 127, "int4": 7, "int2": 1}
+
+
 @given(
     sparse_vectors(max_n=400),
     st.sampled_from([1, 2, 7, 256]),
     st.sampled_from(["fp32", "fp16"]),
+    st.sampled_from(sorted(LEVELS)),
 )
-@settings(max_examples=150, deadline=None)
-def test_int8_values_are_within_half_their_block_scale(vec, block_size, scales):
+@settings(max_examples=300, deadline=None)
+def test_block_scaled_values_are_within_half_their_block_scale(vec, block_size, scales, values):
+    """int8, int4 and int2: scale absmax / L per block, every decoded value within half a scale of the sent one."""
+    L = LEVELS[values]
     v = vec.values.double().numpy()
-    if scales == "fp16" and v.size and np.abs(v).max() / 127 > 65504:
+    if scales == "fp16" and v.size and np.abs(v).max() / L > 65504:
         with pytest.raises(ValueError, match="fp16"):
-            encode(vec, CodecSpec(values="int8", block_size=block_size, scales=scales))
+            encode(vec, CodecSpec(values=values, block_size=block_size, scales=scales))
         return
-    data = encode(vec, CodecSpec(values="int8", block_size=block_size, scales=scales))
+    data = encode(vec, CodecSpec(values=values, block_size=block_size, scales=scales))
     out = decode(data, max_n=vec.n)
     assert_same_positions(out, vec)
     s, bs = transmitted_scales(data)
@@ -120,11 +126,14 @@ def test_int8_values_are_within_half_their_block_scale(vec, block_size, scales):
     w = out.values.double().numpy()
     # |v - v'| <= s/2, up to one float32 rounding of q * s
     assert np.all(np.abs(v - w) <= per / 2 + np.abs(w) * 2.0**-24)
-    # the scale is absmax / 127: never below it (no clipping), and only rounding above it
+    # the scale is absmax / L: never below it (no clipping), and only rounding above it
     for b in range(s.size):
         absmax = np.abs(v[b * block_size : (b + 1) * block_size]).max()
-        assert s[b] * 127 >= absmax * (1 - 2.0**-23)
-        assert s[b] <= absmax / 127 * (1 + 2.0**-9) + 2.0**-24
+        assert s[b] * L >= absmax * (1 - 2.0**-23)
+        assert s[b] <= absmax / L * (1 + 2.0**-9) + 2.0**-24
+    # and the values section is as small as the scheme's bits allow
+    h, _ = split(data)
+    assert h.val_len == -(-v.size * {127: 8, 7: 4, 1: 2}[L] // 8)
 
 
 def test_edge_shapes_round_trip_empty_dense_and_single_entry():

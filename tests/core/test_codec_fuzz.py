@@ -225,3 +225,23 @@ def test_a_message_decoded_from_zstd_matches_the_one_sent():
     data = encode(vec, CodecSpec(zstd_level=19))
     assert split(data)[0].flags & hdr.FLAG_ZSTD
     assert torch.equal(decode(data, max_n=1000).indices, vec.indices)
+
+
+@pytest.mark.parametrize("values, bits", [("int4", 4), ("int2", 2)])
+def test_packed_codes_above_their_range_are_rejected(values, bits):
+    data = encode(sample(), CodecSpec(values=values))
+    all_ones = bytes([0xFF])  # every code in the byte is 2^bits - 1 > 2L
+    rejects(poison(data, 1, all_ones), r"codes must be in \[0, ")
+
+
+@pytest.mark.parametrize("values, bits", [("int4", 4), ("int2", 2)])
+def test_packed_values_with_nonzero_padding_bits_are_rejected(values, bits):
+    per = 8 // bits
+    k = 5  # leaves padding in the last byte for both widths
+    vec = SparseVector(50, torch.arange(0, 50, 10), torch.linspace(-1, 1, k))
+    data = encode(vec, CodecSpec(values=values))
+    h, body = split(data)
+    last = h.pos_len + h.scale_len + h.val_len - 1
+    assert k % per
+    padded = bytes([body[last] | (1 << (bits * (k % per)))])
+    rejects(craft(h, body[:last] + padded + body[last + 1 :]), "padding")

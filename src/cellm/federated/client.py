@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ import torch
 from cellm.core.codec import CodecError, CodecSpec, decode
 from cellm.core.feedback import compress
 from cellm.data.types import Split
+from cellm.errors import CellmError
 from cellm.federated.seeds import BATCHES, DROPOUT, derive
 from cellm.models.flat import FlatView, rank_support
 
@@ -40,6 +42,8 @@ class ClientTask:
     client_freeze: bool = False
     error_feedback: bool = False
     support_rank: int = 0  # rank tier: train and send only the first r ranks (0 = all)
+    download_masked: bool = False  # the download is a top-k part (its positions are the mask M), not everything
+    init_digest: str = ""  # init-relative download: digest of the seeded init w0 the client must regenerate
 
 
 @dataclass
@@ -57,6 +61,16 @@ class ClientReply:
     train_loss: float
     nonzeros: int
     extra: dict = field(default_factory=dict)
+
+
+class InitMismatchError(CellmError):
+    """The client's regenerated initial adapter w0 is not the server's: training from it would be garbage."""
+
+
+def vector_digest(x: torch.Tensor) -> str:
+    """A short, exact fingerprint of a float32 vector (its little-endian bytes), to compare w0 across machines."""
+    data = x.detach().to(torch.float32).contiguous().numpy().astype("<f4", copy=False).tobytes()
+    return hashlib.sha256(data).hexdigest()[:32]
 
 
 def _batches(n: int, spec: TrainSpec, gen: torch.Generator) -> list[torch.Tensor]:
@@ -118,20 +132,39 @@ def local_train(
 
 def client_update(
     model: torch.nn.Module, flat: FlatView, data: Split, task: ClientTask, spec: TrainSpec,
-    state: ClientState, *, seed: int,
+    state: ClientState, *, seed: int, w0: torch.Tensor | None = None,
 ) -> tuple[ClientReply, ClientState]:
-    """One client's round. The download is decoded strictly; a malformed one raises CodecError (nothing trained)."""
+    """One client's round. The download is decoded strictly; a malformed one raises CodecError (nothing trained).
+
+    ``w0`` is the seeded initial adapter this client regenerated; an init-relative task (``init_digest`` set)
+    adds the download to it, after checking that it is the server's w0 (InitMismatchError otherwise).
+    """
     t0 = time.perf_counter()
-    received = decode(task.download, max_n=flat.numel, expected_n=flat.numel).to_dense()
+    msg = decode(task.download, max_n=flat.numel, expected_n=flat.numel)
+    received = msg.to_dense()
     codec_s = time.perf_counter() - t0
+    support = rank_support(flat, task.support_rank) if task.support_rank else None
+    ref = torch.zeros(flat.numel)
+    if task.init_digest:
+        if w0 is None or w0.numel() != flat.numel:
+            raise InitMismatchError("this task is relative to the seeded initial adapter w0, but the client was "
+                                    "given none of the adapter's size")
+        mine = vector_digest(w0)
+        if mine != task.init_digest:
+            raise InitMismatchError(
+                f"the initial adapter regenerated here (digest {mine}) differs from the server's "
+                f"({task.init_digest}): another torch build, model or LoRA init; refusing to train on it")
+        ref = w0.to(torch.float32)
     if task.download_mode == "delta":
-        base = state.copy if state.copy is not None else torch.zeros(flat.numel)
+        base = state.copy if state.copy is not None else ref.clone()
         start = base + received
     else:
-        start = received
-    grad_mask = (start != 0) if task.client_freeze else None
-    if task.support_rank:
-        support = rank_support(flat, task.support_rank)
+        start = (ref if support is None else torch.where(support, ref, torch.zeros_like(ref))) + received
+    grad_mask = None
+    if task.client_freeze and task.download_masked:  # train and upload on the download's support M
+        grad_mask = torch.zeros(flat.numel, dtype=torch.bool)
+        grad_mask[msg.indices] = True
+    if support is not None:
         grad_mask = support if grad_mask is None else grad_mask & support
     trained, loss = local_train(model, flat, start, data, spec, seed=seed, round_=task.round,
                                 client=task.client, grad_mask=grad_mask)
@@ -150,4 +183,5 @@ def client_update(
     return ClientReply(payload, len(data), loss, sent.k, {"codec_s": codec_s}), new_state
 
 
-__all__ = ["ClientReply", "ClientState", "ClientTask", "CodecError", "TrainSpec", "client_update", "local_train"]
+__all__ = ["ClientReply", "ClientState", "ClientTask", "CodecError", "InitMismatchError", "TrainSpec",
+           "client_update", "local_train", "vector_digest"]

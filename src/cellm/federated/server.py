@@ -13,7 +13,7 @@ import torch
 
 from cellm.config import CellmConfig
 from cellm.core.aggregate import aggregate
-from cellm.core.codec import CodecError, CodecSpec, decode
+from cellm.core.codec import CodecError, CodecSpec, decode, roundtrip
 from cellm.core.dp import private_mean
 from cellm.core.feedback import compress
 from cellm.core.ledger import Ledger
@@ -21,7 +21,7 @@ from cellm.core.schedule import density_at
 from cellm.core.server_opt import ServerOptSpec, server_step
 from cellm.core.sparse import SparseVector
 from cellm.core.topk import num_kept, topk_mask
-from cellm.federated.client import ClientReply, ClientTask, TrainSpec
+from cellm.federated.client import ClientReply, ClientTask, TrainSpec, vector_digest
 from cellm.federated.seeds import DP_NOISE, derive, sample_clients
 
 
@@ -83,52 +83,99 @@ class ServerState:
     ledger: Ledger = field(default_factory=Ledger)
     metrics: list[dict[str, Any]] = field(default_factory=list)
     client_copies: dict[int, torch.Tensor] = field(default_factory=dict)  # delta mode: each client's copy
+    w0: torch.Tensor | None = None  # the seeded initial adapter, which every client regenerates (never sent)
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "w": self.w, "round": self.round, "opt_state": self.opt_state, "frozen_mask": self.frozen_mask,
             "ledger": self.ledger.state_dict(), "metrics": self.metrics,
-            "client_copies": {str(k): v for k, v in self.client_copies.items()},
+            "client_copies": {str(k): v for k, v in self.client_copies.items()}, "w0": self.w0,
         }
 
     @classmethod
     def from_state_dict(cls, s: dict[str, Any]) -> ServerState:
         return cls(w=s["w"], round=int(s["round"]), opt_state=s["opt_state"], frozen_mask=s["frozen_mask"],
                    ledger=Ledger.from_state_dict(s["ledger"]), metrics=list(s["metrics"]),
-                   client_copies={int(k): v for k, v in s["client_copies"].items()})
+                   client_copies={int(k): v for k, v in s["client_copies"].items()}, w0=s.get("w0"))
+
+    @classmethod
+    def initial(cls, w0: torch.Tensor) -> ServerState:
+        """Round 0: the global adapter is the seeded initial one."""
+        return cls(w=w0.clone(), w0=w0.clone())
+
+
+def reference(state: ServerState, cfg: CellmConfig, support: torch.Tensor | None = None) -> torch.Tensor:
+    """What client and server both hold before any message: the seeded init w0 with comm.init_relative, else 0.
+
+    Downloads carry (a top-k of) the difference from it. Restricted to ``support`` (rank tiers) when given.
+    """
+    if not cfg.comm.init_relative:
+        return torch.zeros_like(state.w)
+    if state.w0 is None:
+        raise ValueError("comm.init_relative needs the server state's initial adapter w0")
+    return state.w0.clone() if support is None else torch.where(support, state.w0, torch.zeros_like(state.w0))
 
 
 def download_mask(state: ServerState, cfg: CellmConfig, round_: int, d_down: float | None = None,
                   support: torch.Tensor | None = None) -> torch.Tensor | None:
-    """The download support M for ``round_`` (None = dense): top-k of |w| (within ``support``), or the frozen mask."""
+    """The download support M for ``round_`` (None = dense): top-k of |w - ref| (within ``support``), or the
+    frozen mask. ref is 0 (FLASC: top-k of |w|) or the seeded init w0 (comm.init_relative)."""
     if state.frozen_mask is not None:
         return state.frozen_mask if support is None else state.frozen_mask & support
     if cfg.comm.freeze_mask_after and round_ <= cfg.comm.freeze_mask_after:
         return support  # pruned LoRA: dense rounds until the mask is frozen
     if d_down is None:
         d_down, _ = densities(cfg, round_)
-    w = state.w if support is None else torch.where(support, state.w, torch.zeros_like(state.w))
     if d_down >= 1.0:
         return support
-    return topk_mask(w, d_down) if support is None else topk_mask(w, d_down) & support
+    x = state.w - state.w0 if cfg.comm.init_relative else state.w
+    if support is not None:
+        x = torch.where(support, x, torch.zeros_like(x))
+    return topk_mask(x, d_down) if support is None else topk_mask(x, d_down) & support
+
+
+def start_from(state: ServerState, cfg: CellmConfig, mask: torch.Tensor | None,
+               support: torch.Tensor | None = None) -> torch.Tensor:
+    """What a client starts from given the download mask: ref + M * (w - ref); w itself when M is None."""
+    if mask is None:
+        return state.w.clone()
+    if not cfg.comm.init_relative:
+        return state.w * mask
+    ref = reference(state, cfg, support)
+    return ref + mask * (state.w - ref)
 
 
 def masked_weights(state: ServerState, cfg: CellmConfig, round_: int, d_down: float | None = None,
                    support: torch.Tensor | None = None) -> torch.Tensor:
-    """What clients start from in ``round_`` in weights mode, and what evaluation sees: w * M."""
-    m = download_mask(state, cfg, round_, d_down, support)
-    return state.w.clone() if m is None else state.w * m
+    """What clients start from in ``round_`` in weights mode, and what evaluation sees: ref + M * (w - ref)."""
+    return start_from(state, cfg, download_mask(state, cfg, round_, d_down, support), support)
 
 
 def model_weights(state: ServerState, cfg: CellmConfig, round_: int) -> torch.Tensor:
     """The adapter a client works with, which evaluation and the saved adapter use.
 
-    Weights mode: w * M, what a stateless client receives. Delta mode: w itself, which each stateful client's
-    copy tracks (its copy holds every entry, not only the top-k).
+    Weights mode: ref + M * (w - ref), what a stateless client starts from. Delta mode: w itself, which each
+    stateful client's copy tracks (its copy holds every entry, not only the top-k).
     """
     if cfg.comm.download_mode == "delta":
         return state.w.clone()
     return masked_weights(state, cfg, round_)
+
+
+def weights_download(state: ServerState, cfg: CellmConfig, round_: int, d_down: float, spec: CodecSpec,
+                     support: torch.Tensor | None = None) -> tuple[bytes, int, bool]:
+    """(payload, nonzeros sent, masked) of a weights-mode download: M * (w - ref) at the mask's positions.
+
+    Without client_freeze, entries equal to ref carry nothing and are left out (round 1 of an init-relative
+    run sends no value at all). With client_freeze the client needs M itself, so every position of M is sent.
+    """
+    mask = download_mask(state, cfg, round_, d_down, support)
+    diff = start_from(state, cfg, mask, support) - reference(state, cfg, support)
+    if cfg.comm.client_freeze and mask is not None:
+        payload, received = roundtrip(SparseVector.from_mask(diff, mask), spec)
+    else:
+        payload, received, _ = compress(diff, 1.0, spec)
+    return payload, received.k, mask is not None
 
 
 @dataclass
@@ -151,27 +198,29 @@ def plan_round(state: ServerState, cfg: CellmConfig,
     clients = sample_clients(cfg.seed, t, cfg.data.num_clients, cfg.fl.clients_per_round)
     spec_down, spec_up = codec_spec(cfg, "down"), codec_spec(cfg, "up")
     tasks: dict[int, ClientTask] = {}
-    shared: dict[int | None, tuple[bytes, int]] = {}  # weights mode: one payload per tier
+    shared: dict[int | None, tuple[bytes, int, bool]] = {}  # weights mode: one payload per tier
+    digest = vector_digest(state.w0) if cfg.comm.init_relative else ""
     for c in clients:
         tier = tier_of(cfg, c)
         cd_down, cd_up = client_densities(cfg, t, c)
         support = supports.get(tier) if (supports and tier is not None) else None
         if cfg.comm.download_mode == "delta":
-            copy = state.client_copies.get(c, torch.zeros_like(state.w))
+            copy = state.client_copies.get(c)
+            if copy is None:
+                copy = reference(state, cfg)
             payload, received, _ = compress(state.w - copy, cd_down, spec_down, support=state.frozen_mask)
             state.client_copies[c] = copy + received.to_dense()
-            nnz = received.k
+            nnz, masked = received.k, received.k < received.n
         else:
             if tier not in shared:
-                start = masked_weights(state, cfg, t, cd_down, support)
-                payload, received, _ = compress(start, 1.0, spec_down)
-                shared[tier] = (payload, received.k)
-            payload, nnz = shared[tier]
+                shared[tier] = weights_download(state, cfg, t, cd_down, spec_down, support)
+            payload, nnz, masked = shared[tier]
         state.ledger.record(t, "down", len(payload), nnz, tier=None if tier is None else str(tier))
         tasks[c] = ClientTask(round=t, client=c, download=payload, up_density=cd_up, codec_up=spec_up,
                               download_mode=cfg.comm.download_mode, client_freeze=cfg.comm.client_freeze,
                               error_feedback=cfg.comm.error_feedback_up,
-                              support_rank=tier_rank(cfg, tier) if support is not None else 0)
+                              support_rank=tier_rank(cfg, tier) if support is not None else 0,
+                              download_masked=masked, init_digest=digest)
     return RoundPlan(t, clients, d_down, d_up, tasks)
 
 
@@ -243,7 +292,7 @@ def finish_round(state: ServerState, cfg: CellmConfig, plan: RoundPlan, replies:
         applied = True
     if cfg.comm.freeze_mask_after and t == cfg.comm.freeze_mask_after and state.frozen_mask is None:
         d_down, _ = densities(cfg, t + 1)
-        state.frozen_mask = topk_mask(state.w, d_down)
+        state.frozen_mask = topk_mask(state.w - state.w0 if cfg.comm.init_relative else state.w, d_down)
     state.round = t
     losses = [r.train_loss for _, _, r in good]
     loss = sum(losses) / len(losses) if losses else math.nan

@@ -157,6 +157,11 @@ def _execute(cfg: CellmConfig, setup: Setup, out_dir: Path | None, progress: boo
     state = None
     if checkpoint is not None:
         state = ServerState.from_state_dict(checkpoint["server"])
+        if state.w0 is None:  # a checkpoint written before w0 was kept
+            state.w0 = setup.w0.clone()
+        elif not torch.equal(state.w0, setup.w0):
+            raise ConfigError("cannot resume: the initial adapter rebuilt from the config differs from the "
+                              "checkpoint's (another torch build or model files)")
         sim.client_states = {int(c): ClientState(**v) for c, v in checkpoint["clients"].items()}
         if rec.bar is not None:
             rec.bar.n = state.round

@@ -43,6 +43,7 @@ class Setup:
     lm: LoadedModel
     flat: FlatView
     data: FederatedData
+    w0: torch.Tensor  # the seeded initial adapter, as built here: what init-relative downloads are relative to
 
 
 def load_setup(cfg: CellmConfig) -> Setup:
@@ -58,7 +59,8 @@ def load_setup(cfg: CellmConfig) -> Setup:
     )
     if data.num_labels != num_labels:
         raise ValueError(f"dataset {d.name} has {data.num_labels} classes, expected {num_labels}")
-    return Setup(lm, FlatView(lm.model), data)
+    flat = FlatView(lm.model)
+    return Setup(lm, flat, data, flat.get())
 
 
 def evaluate_vector(setup: Setup, vec: torch.Tensor, cfg: CellmConfig) -> dict[str, float]:
@@ -106,7 +108,7 @@ class Simulator:
         for c in arrived:
             st = self.client_states.get(c, ClientState())
             reply, new_state = client_update(self.setup.lm.model, self.setup.flat, self.setup.data.clients[c],
-                                             plan.tasks[c], spec, st, seed=self.cfg.seed)
+                                             plan.tasks[c], spec, st, seed=self.cfg.seed, w0=self.setup.w0)
             if new_state.residual is not None or new_state.copy is not None:
                 self.client_states[c] = new_state
             replies[c] = reply
@@ -162,7 +164,7 @@ def simulate(cfg: CellmConfig, setup: Setup, state: ServerState | None = None,
     """Run rounds until cfg.rounds; call ``on_round(state, row)`` after each (and after round 0's evaluation)."""
     t0 = time.perf_counter()
     if state is None:
-        state = ServerState(w=setup.flat.get())
+        state = ServerState.initial(setup.w0)
     sim = sim or Simulator(cfg, setup)
     if state.round == 0 and not state.metrics:
         ev = evaluate_state(setup, state, cfg, 1)

@@ -62,7 +62,7 @@ def random_vector(rng: np.random.Generator, max_n: int = 4000) -> SparseVector:
 
 def random_spec(rng: np.random.Generator) -> CodecSpec:
     return CodecSpec(
-        values=str(rng.choice(["fp32", "fp16", "bf16", "int8"])),
+        values=str(rng.choice(["fp32", "fp16", "bf16", "int8", "int4", "int2"])),
         positions=str(rng.choice(["auto", "bitmap", "gaps"])),
         block_size=int(rng.choice([1, 3, 64, 256, 1 << 20])),
         zstd_level=int(rng.choice([0, 0, 1, 3])),
@@ -163,7 +163,14 @@ def _poison_values(rng: np.random.Generator, data: bytes) -> bytes:
         raw[start + 2 * i : start + 2 * i + 2] = int(rng.choice([0x7F80, 0xFF80, 0x7FC0])).to_bytes(
             2, "little"
         )
-    elif rng.random() < 0.5:
+    elif h.values in (hdr.ValueScheme.INT4, hdr.ValueScheme.INT2) and rng.random() < 0.5:
+        bits = 4 if h.values == hdr.ValueScheme.INT4 else 2
+        per = 8 // bits
+        if h.k % per and rng.random() < 0.5:  # a nonzero padding bit after the last value
+            raw[start + h.val_len - 1] |= 1 << (bits * (h.k % per))
+        else:  # a code above 2L: 15 for int4, 3 for int2
+            raw[start + i // per] |= ((1 << bits) - 1) << (bits * (i % per))
+    elif h.values == hdr.ValueScheme.INT8 and rng.random() < 0.5:
         raw[start + i] = 0x80  # int8 -128
     else:
         width = 2 if h.flags & hdr.FLAG_FP16_SCALES else 4

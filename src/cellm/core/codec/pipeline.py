@@ -29,7 +29,7 @@ from cellm.core.codec.header import (
     pack,
     unpack,
 )
-from cellm.core.codec.spec import MAX_BLOCK_SIZE, CodecSpec
+from cellm.core.codec.spec import MAX_BLOCK_SIZE, SCALED_VALUES, CodecSpec
 from cellm.core.codec.values import stage_for_spec, value_stage
 from cellm.core.sparse import SparseVector
 
@@ -42,7 +42,7 @@ def encode(vec: SparseVector, spec: CodecSpec = DEFAULT_SPEC) -> bytes:
     n, idx, vals = _as_arrays(vec)
     plan = pos_mod.choose(idx, n, spec.positions)
     pos_bytes = plan.stage.encode(plan, idx, n)
-    fp16_scales = spec.values == "int8" and spec.scales == "fp16"
+    fp16_scales = spec.values in SCALED_VALUES and spec.scales == "fp16"
     vstage = stage_for_spec(spec.values, spec.block_size, fp16_scales)
     scale_bytes, val_bytes = vstage.encode(vals)
     raw_len = len(pos_bytes) + len(scale_bytes) + len(val_bytes)
@@ -59,7 +59,7 @@ def encode(vec: SparseVector, spec: CodecSpec = DEFAULT_SPEC) -> bytes:
         n=n,
         k=int(idx.size),
         pos_param=plan.param if plan.stage.scheme == PositionScheme.GOLOMB else 0,
-        block_size=spec.block_size if vstage.scheme == ValueScheme.INT8 else 0,
+        block_size=spec.block_size if "block_size" in vstage.needs else 0,
         pos_len=len(pos_bytes),
         scale_len=len(scale_bytes),
         val_len=len(val_bytes),

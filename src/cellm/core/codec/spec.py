@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-VALUE_CHOICES = ("fp32", "fp16", "bf16", "int8")
+VALUE_CHOICES = ("fp32", "fp16", "bf16", "int8", "int4", "int2")
+SCALED_VALUES = ("int8", "int4", "int2")  # block absmax scale + integer codes
 POSITION_CHOICES = ("auto", "bitmap", "gaps", "golomb")  # "golomb" is the gap code's own name for "gaps"
 SCALE_CHOICES = ("fp32", "fp16")
 MAX_BLOCK_SIZE = 1 << 24
@@ -17,7 +18,7 @@ class CodecSpec:
 
     ``positions="auto"`` codes the positions with whichever of bitmap and Golomb gaps is smaller for this message;
     a dense message (k == N) always uses the zero-byte "dense" scheme. ``block_size`` and ``scales`` only matter
-    for ``values="int8"``. ``zstd_level`` 0 means no zstd; 1..22 compresses the body and keeps the result only
+    for the block-scaled schemes (``int8``, ``int4``, ``int2``). ``zstd_level`` 0 means no zstd; 1..22 compresses the body and keeps the result only
     when it is smaller. Lossy value schemes and their error bounds are in values.py; a value that fp16 (or bf16)
     cannot represent makes encode raise ValueError rather than send inf.
     """

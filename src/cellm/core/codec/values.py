@@ -13,6 +13,10 @@ Error bounds, per entry, of what the receiver decodes (v') against what was sent
   v' = q * s. So |v - v'| <= s / 2, up to one float32 rounding of the product q * s (relative 2**-24), with s
   the transmitted scale. With fp16 scales a block whose s would overflow fp16 raises ValueError; tiny scales
   round up to the smallest fp16 subnormal (coarser, but the bound holds with the stored s).
+* int4 -- as int8 with s = max|v| / 7 and q in [-7, 7], two values a byte: |v - v'| <= s / 2.
+* int2 -- ternary, s = max|v| and q in {-1, 0, 1}, four values a byte: |v - v'| <= s / 2, so every value
+  below half its block's maximum is sent as 0 (use it with error feedback, or for downloads, which are re-made
+  from exact weights every round).
 """
 
 from __future__ import annotations
@@ -105,8 +109,12 @@ class Bf16Values(ValueStage):
 
 
 class Int8Values(ValueStage):
+    """Block absmax scale, one signed byte per value in [-L, L] (L = 127 here; see :class:`PackedIntValues`)."""
+
     scheme = ValueScheme.INT8
     needs = frozenset({"k", "block_size", "fp16_scales"})
+    levels: ClassVar[int] = 127
+    name: ClassVar[str] = "int8"
 
     def __init__(self, block_size: int, fp16_scales: bool = False) -> None:
         self.block_size = block_size
@@ -115,48 +123,113 @@ class Int8Values(ValueStage):
 
     def section_lens(self, k: int) -> tuple[int, int]:
         blocks = -(-k // self.block_size)
-        return blocks * (2 if self.fp16_scales else 4), k
+        return blocks * (2 if self.fp16_scales else 4), self.value_len(k)
+
+    def value_len(self, k: int) -> int:
+        return k
 
     def scales_for(self, v: np.ndarray) -> np.ndarray:
         """Per-block transmitted scale (float64 copy of the stored fp32/fp16 value)."""
         if v.size == 0:
             return np.zeros(0, dtype=np.float64)
+        L = float(self.levels)
         starts = np.arange(0, v.size, self.block_size)
-        s = np.maximum.reduceat(np.abs(v), starts).astype(np.float64) / 127.0
+        s = np.maximum.reduceat(np.abs(v), starts).astype(np.float64) / L
         if self.fp16_scales:
             with np.errstate(over="ignore"):
                 h = s.astype(np.float16)
-            low = h.astype(np.float64) < s  # round up: a scale below absmax / 127 would clip the block's max
+            low = h.astype(np.float64) < s  # round up: a scale below absmax / L would clip the block's max
             h[low] = np.nextafter(h[low], np.float16(np.inf))
             if np.isinf(h).any():
                 raise ValueError(
-                    "int8 block scale overflows fp16 (block max |v| > 65504 * 127); use scales='fp32'"
+                    f"{self.name} block scale overflows fp16 (block max |v| > 65504 * {self.levels}); "
+                    "use scales='fp32'"
                 )
             return h.astype(np.float64)
         f = s.astype(np.float32)
         low = f.astype(np.float64) < s  # round up, as above; this also keeps tiny scales from flushing to 0
         f[low] = np.nextafter(f[low], np.float32(np.inf))
-        hot = np.float32(127.0) * f.astype(np.float64) > _F32_MAX  # 127 * s must stay finite in float32
+        hot = np.float32(L) * f.astype(np.float64) > _F32_MAX  # L * s must stay finite in float32
         f[hot] = np.nextafter(f[hot], np.float32(0))
         return f.astype(np.float64)
 
-    def encode(self, v: np.ndarray) -> tuple[Buffer, Buffer]:
+    def quantize(self, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(scales, integer codes q in [-L, L] as int8)."""
         s = self.scales_for(v)
         per = _per_entry(s, self.block_size, v.size)
         with np.errstate(divide="ignore", invalid="ignore"):
             q = np.where(per > 0, np.rint(v.astype(np.float64) / per), 0.0)
-        q = np.clip(q, -127, 127).astype(np.int8)
-        return as_buffer(s.astype(self._scale_dtype)), as_buffer(q)
+        return s, np.clip(q, -self.levels, self.levels).astype(np.int8)
+
+    def pack(self, q: np.ndarray) -> Buffer:
+        return as_buffer(q)
+
+    def unpack(self, vals: np.ndarray, k: int) -> np.ndarray:
+        q = vals.view(np.int8)
+        if (q == -128).any():
+            raise CodecError("int8 values must be in [-127, 127]")
+        return q
+
+    def encode(self, v: np.ndarray) -> tuple[Buffer, Buffer]:
+        s, q = self.quantize(v)
+        return as_buffer(s.astype(self._scale_dtype)), self.pack(q)
 
     def decode(self, scales: np.ndarray, vals: np.ndarray, k: int) -> np.ndarray:
         s = scales.view(self._scale_dtype).astype(np.float64)
         if not np.isfinite(s).all() or (s < 0).any():
-            raise CodecError("int8 scales must be finite and non-negative")
-        q = vals.view(np.int8)
-        if (q == -128).any():
-            raise CodecError("int8 values must be in [-127, 127]")
+            raise CodecError(f"{self.name} scales must be finite and non-negative")
+        q = self.unpack(vals, k)
         with np.errstate(over="ignore"):
             return (q * _per_entry(s, self.block_size, k)).astype(np.float32)
+
+
+class PackedIntValues(Int8Values):
+    """Below a byte a value: code u = q + L in ``bits`` bits, 8 / bits codes a byte, the first in the low bits.
+
+    Codes above 2L and nonzero padding bits after the last value are refused, so each message has one encoding.
+    """
+
+    bits: ClassVar[int]
+
+    def value_len(self, k: int) -> int:
+        return -(-k * self.bits // 8)
+
+    def pack(self, q: np.ndarray) -> Buffer:
+        per = 8 // self.bits
+        u = (q.astype(np.int16) + self.levels).astype(np.uint8)
+        u = np.concatenate([u, np.zeros((-u.size) % per, dtype=np.uint8)]).reshape(-1, per)
+        shifts = (np.arange(per, dtype=np.uint8) * self.bits).astype(np.uint8)
+        return as_buffer(np.bitwise_or.reduce(u << shifts, axis=1).astype(np.uint8))
+
+    def unpack(self, vals: np.ndarray, k: int) -> np.ndarray:
+        per = 8 // self.bits
+        b = vals.view(np.uint8)
+        shifts = (np.arange(per, dtype=np.uint8) * self.bits).astype(np.uint8)
+        u = ((b[:, None] >> shifts) & np.uint8((1 << self.bits) - 1)).reshape(-1)
+        if (u[k:] != 0).any():
+            raise CodecError(f"{self.name} padding bits after the last value must be zero")
+        u = u[:k]
+        if (u > 2 * self.levels).any():
+            raise CodecError(f"{self.name} codes must be in [0, {2 * self.levels}]")
+        return u.astype(np.int8) - np.int8(self.levels)
+
+
+class Int4Values(PackedIntValues):
+    """Block absmax scale s = max|v| / 7, q in [-7, 7]: |v - v'| <= s / 2. Two values a byte."""
+
+    scheme = ValueScheme.INT4
+    levels = 7
+    bits = 4
+    name = "int4"
+
+
+class Int2Values(PackedIntValues):
+    """Ternary: block absmax scale s = max|v|, q in {-1, 0, 1}: |v - v'| <= s / 2. Four values a byte."""
+
+    scheme = ValueScheme.INT2
+    levels = 1
+    bits = 2
+    name = "int2"
 
 
 def _per_entry(scales: np.ndarray, block_size: int, k: int) -> np.ndarray:
@@ -176,6 +249,10 @@ def value_stage(scheme: int, block_size: int, fp16_scales: bool) -> ValueStage:
         return Bf16Values()
     if scheme == ValueScheme.INT8:
         return Int8Values(block_size, fp16_scales)
+    if scheme == ValueScheme.INT4:
+        return Int4Values(block_size, fp16_scales)
+    if scheme == ValueScheme.INT2:
+        return Int2Values(block_size, fp16_scales)
     raise CodecError(f"unknown value scheme {scheme}")
 
 
@@ -185,5 +262,7 @@ def stage_for_spec(values: str, block_size: int, fp16_scales: bool) -> ValueStag
         "fp16": ValueScheme.FP16,
         "bf16": ValueScheme.BF16,
         "int8": ValueScheme.INT8,
+        "int4": ValueScheme.INT4,
+        "int2": ValueScheme.INT2,
     }
     return value_stage(scheme[values], block_size, fp16_scales)

@@ -204,7 +204,7 @@ class CellmStrategy:
         t0 = time.perf_counter()
         self.discover(grid, self.options.node_wait_s)
         supports = tier_supports(cfg, setup.flat)
-        state = ServerState(w=setup.flat.get())
+        state = ServerState.initial(setup.w0)
         ev = evaluate_state(setup, state, cfg, 1)
         row = metrics_row(state, None, time.perf_counter() - t0, 0.0, ev, cfg)
         state.metrics.append(row)
