@@ -17,6 +17,12 @@ def _flasc(d: float) -> Overrides:
     return lambda cfg: [f"comm.down_density={d}", f"comm.up_density={d}"]
 
 
+def _relative(d: float, down: str, up: str, feedback: bool = True) -> Overrides:
+    """Init-relative download at ``down`` precision, upload at ``up`` precision (with error feedback)."""
+    return lambda cfg: _flasc(d)(cfg) + ["comm.init_relative=true", f"comm.codec_down={down}",
+                                         f"comm.codec_up={up}", f"comm.error_feedback_up={str(feedback).lower()}"]
+
+
 METHODS: dict[str, tuple[str, Overrides]] = {
     "dense": ("Dense LoRA: the whole adapter both ways (d = 1).",
               lambda cfg: ["comm.down_density=1.0", "comm.up_density=1.0"]),
@@ -48,6 +54,16 @@ METHODS: dict[str, tuple[str, Overrides]] = {
     "cellm-1/64": ("cellm at d = 1/64.",
                    lambda cfg: _flasc(0.015625)(cfg) + ["comm.download_mode=delta", "comm.error_feedback_up=true",
                                                         "comm.codec_down=int8", "comm.codec_up=int8"]),
+    "flasc-ir-1/16": ("FLASC d = 1/16 with the init-relative download (top-k of w - w0; w0 rebuilt by clients), fp32.",
+                      _relative(0.0625, "fp32", "fp32", feedback=False)),
+    "ir-ef-int8-1/16": ("Init-relative download, upload error feedback, int8 both ways, d = 1/16.",
+                        _relative(0.0625, "int8", "int8")),
+    "ir-ef-int4-1/16": ("Init-relative download, upload error feedback, int4 both ways, d = 1/16.",
+                        _relative(0.0625, "int4", "int4")),
+    "ir-ef-int4-1/32": ("As ir-ef-int4-1/16 at d = 1/32.", _relative(0.03125, "int4", "int4")),
+    "ir-ef-int4-1/64": ("As ir-ef-int4-1/16 at d = 1/64.", _relative(0.015625, "int4", "int4")),
+    "ir-ef-int4-int2-1/16": ("Init-relative int4 download, ternary (int2) upload with error feedback, d = 1/16.",
+                             _relative(0.0625, "int4", "int2")),
 }
 
 
