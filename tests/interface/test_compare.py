@@ -1,4 +1,5 @@
 import json
+import tomllib
 
 import pytest
 
@@ -101,4 +102,52 @@ def test_a_sweep_file_with_an_unknown_method_or_key_is_refused(tmp_path):
         load_sweep(p)
     p.write_text('base_preset = "tiny"\nmethods = ["dense"]\nbogus = 1\n')
     with pytest.raises(cellm.ConfigError, match="unknown sweep key"):
+        load_sweep(p)
+
+
+def _rows(points):
+    """Metrics rows with an evaluation at each (cum_bytes, accuracy) point."""
+    return [{"round": i, "cum_bytes": b, "eval": {"accuracy": a}} for i, (b, a) in enumerate(points)]
+
+
+def test_several_seeds_give_mean_sd_and_the_median_bytes_to_a_target_from_the_reference_mean():
+    from cellm.interface.report import build_seed_rows, seed_table
+
+    runs = {
+        "dense": {0: _rows([(0, 0.2), (100, 0.90), (200, 0.95)]), 1: _rows([(0, 0.2), (100, 0.93), (200, 0.97)]),
+                  2: _rows([(0, 0.2), (100, 0.80), (200, 0.96)])},
+        "sparse": {0: _rows([(0, 0.2), (5, 0.955), (10, 0.96)]), 1: _rows([(0, 0.2), (5, 0.90), (10, 0.93)]),
+                   2: _rows([(0, 0.2), (5, 0.94), (10, 0.951)])},
+    }
+    target, rows = build_seed_rows(runs, "accuracy", True, "dense", 0.01)
+    assert target == pytest.approx((0.95 + 0.97 + 0.96) / 3 - 0.01)  # 0.95
+    dense, sparse = rows
+    assert dense.mean == pytest.approx(0.96) and dense.sd == pytest.approx(0.01)
+    assert dense.to_target == [200, 200, 200] and dense.median_to_target == 200
+    assert sparse.to_target == [5, None, 10] and sparse.hits == 2
+    assert sparse.median_to_target == 10  # the miss sorts last; the median is the middle seed
+    assert sparse.ratio == pytest.approx(20.0)
+    runs["sparse"][2] = _rows([(0, 0.2), (5, 0.90)])  # now two of three seeds miss: the median is a miss
+    _, rows = build_seed_rows(runs, "accuracy", True, "dense", 0.01)
+    assert rows[1].median_to_target is None and rows[1].ratio is None
+    assert "| sparse |" in seed_table("t", "accuracy", target, "dense", rows) and "1/3" in seed_table(
+        "t", "accuracy", target, "dense", rows)
+
+
+def test_a_sweep_with_seeds_runs_each_method_once_per_seed(tmp_path, cache_dir):
+    sweep = _sweep(cache_dir, ["dense", "flasc-1/4"])
+    sweep.seeds = [0, 1]
+    table = run_sweep(sweep, tmp_path, log=lambda *_: None)
+    for m in sweep.methods:
+        seeds = [tomllib.loads((method_dir(tmp_path, m, s) / rf.CONFIG).read_text())["seed"] for s in (0, 1)]
+        assert seeds == [0, 1]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["seeds"] == [0, 1] and [r["method"] for r in report["rows"]] == ["dense", "flasc-1/4"]
+    assert "mean ± sd" in table
+
+
+def test_sweep_seeds_must_be_distinct_non_negative_integers(tmp_path):
+    p = tmp_path / "s.toml"
+    p.write_text('base_preset = "tiny"\nmethods = ["dense"]\nseeds = [0, 0]\n')
+    with pytest.raises(cellm.ConfigError, match="seeds"):
         load_sweep(p)

@@ -29,7 +29,7 @@ from typing import Any
 from cellm.config import CellmConfig, load_config
 from cellm.errors import ConfigError
 from cellm.interface import runfolder as rf
-from cellm.interface.report import build_rows, markdown_table
+from cellm.interface.report import build_rows, build_seed_rows, markdown_table, seed_table
 from cellm.methods import METHODS, method_overrides
 
 
@@ -42,17 +42,24 @@ class Sweep:
     reference: str = "dense"
     slack: float = 0.01
     custom: dict[str, list[str]] = field(default_factory=dict)
+    seeds: list[int] = field(default_factory=list)  # empty: the base config's own seed, one run a method
 
     def base(self) -> CellmConfig:
         return load_config(self.base_config, preset=self.base_preset, overrides=self.overrides)
 
-    def config_for(self, method: str) -> CellmConfig:
+    def config_for(self, method: str, seed: int | None = None) -> CellmConfig:
         base = self.base()
         extra = self.custom[method] if method in self.custom else method_overrides(method, base)
-        return load_config(self.base_config, preset=self.base_preset, overrides=[*self.overrides, *extra])
+        seed_set = [] if seed is None else [f"seed={seed}"]
+        return load_config(self.base_config, preset=self.base_preset,
+                           overrides=[*self.overrides, *extra, *seed_set])
+
+    def jobs(self) -> list[tuple[str, int | None]]:
+        """(method, seed) of every run, seed None without a seeds list."""
+        return [(m, s) for m in self.methods for s in (self.seeds or [None])]
 
 
-SWEEP_KEYS = {"methods", "base_preset", "base_config", "set", "reference", "slack", "custom"}
+SWEEP_KEYS = {"methods", "base_preset", "base_config", "set", "reference", "slack", "custom", "seeds"}
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -69,7 +76,8 @@ def load_sweep(path: str | Path) -> Sweep:
     custom = {k: list(v.get("set", [])) for k, v in raw.get("custom", {}).items()}
     sweep = Sweep(methods=list(raw.get("methods", [])), base_preset=raw.get("base_preset"),
                   base_config=raw.get("base_config"), overrides=list(raw.get("set", [])),
-                  reference=raw.get("reference", "dense"), slack=float(raw.get("slack", 0.01)), custom=custom)
+                  reference=raw.get("reference", "dense"), slack=float(raw.get("slack", 0.01)), custom=custom,
+                  seeds=list(raw.get("seeds", [])))
     check_sweep(sweep)
     return sweep
 
@@ -78,6 +86,9 @@ def check_sweep(sweep: Sweep) -> None:
     """Every method resolves to a valid config before anything runs."""
     if not sweep.methods:
         raise ConfigError("sweep has no methods")
+    if any(not isinstance(x, int) or isinstance(x, bool) or x < 0 for x in sweep.seeds) or \
+            len(set(sweep.seeds)) != len(sweep.seeds):
+        raise ConfigError(f"sweep seeds must be distinct integers >= 0; got {sweep.seeds}")
     if sweep.reference not in sweep.methods:
         raise ConfigError(f"sweep reference '{sweep.reference}' is not among its methods {sweep.methods}")
     for m in sweep.methods:
@@ -86,8 +97,13 @@ def check_sweep(sweep: Sweep) -> None:
         sweep.config_for(m)
 
 
-def method_dir(out: Path, method: str) -> Path:
-    return out / "runs" / method.replace("/", "_")
+def method_dir(out: Path, method: str, seed: int | None = None) -> Path:
+    d = out / "runs" / method.replace("/", "_")
+    return d if seed is None else d / f"seed{seed}"
+
+
+def _label(method: str, seed: int | None) -> str:
+    return method if seed is None else f"{method} seed {seed}"
 
 
 def _status(d: Path) -> str:
@@ -121,23 +137,24 @@ def run_sweep(sweep: Sweep, out: str | Path, *, jobs: int = 1, log=print, report
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     todo = []
-    for m in sweep.methods:
-        d = method_dir(out, m)
+    for m, seed in sweep.jobs():
+        d = method_dir(out, m, seed)
         st = _status(d)
         if st == "done":
-            log(f"[{m}] already finished: kept")
+            log(f"[{_label(m, seed)}] already finished: kept")
         else:
-            todo.append((m, d, st))
+            todo.append((m, seed, d, st))
     threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
     if jobs <= 1:
-        for m, d, st in todo:
-            log(f"[{m}] {'resuming' if st == 'resume' else 'running'} -> {d}")
-            _run_one(sweep.config_for(m).to_toml(), str(d), threads)
+        for m, seed, d, st in todo:
+            log(f"[{_label(m, seed)}] {'resuming' if st == 'resume' else 'running'} -> {d}")
+            _run_one(sweep.config_for(m, seed).to_toml(), str(d), threads)
     else:
         import multiprocessing as mp
 
         with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-            futs = {pool.submit(_run_one, sweep.config_for(m).to_toml(), str(d), threads): m for m, d, _ in todo}
+            futs = {pool.submit(_run_one, sweep.config_for(m, seed).to_toml(), str(d), threads): _label(m, seed)
+                    for m, seed, d, _ in todo}
             for fut in as_completed(futs):
                 fut.result()
                 log(f"[{futs[fut]}] finished")
@@ -151,15 +168,24 @@ def write_report(sweep: Sweep, out: Path) -> str:
 
     base = sweep.base()
     metric, higher = primary_metric(MODELS[base.model.name].task)
-    runs = {m: rf.read_metrics(method_dir(out, m)) for m in sweep.methods}
-    target, rows = build_rows(runs, metric, higher, sweep.reference, sweep.slack)
     title = f"{base.model.name} on {base.data.name}"
-    table = markdown_table(title, metric, target, sweep.reference, rows)
+    if sweep.seeds:
+        per_seed = {m: {s: rf.read_metrics(method_dir(out, m, s)) for s in sweep.seeds} for m in sweep.methods}
+        target, seed_rows = build_seed_rows(per_seed, metric, higher, sweep.reference, sweep.slack)
+        table = seed_table(title, metric, target, sweep.reference, seed_rows)
+        report = {"metric": metric, "target": target, "reference": sweep.reference, "seeds": sweep.seeds,
+                  "rows": [r.__dict__ for r in seed_rows]}
+        lines = [(_label(m, s), rows) for m, by_seed in per_seed.items() for s, rows in by_seed.items()]
+    else:
+        runs = {m: rf.read_metrics(method_dir(out, m)) for m in sweep.methods}
+        target, rows = build_rows(runs, metric, higher, sweep.reference, sweep.slack)
+        table = markdown_table(title, metric, target, sweep.reference, rows)
+        report = {"metric": metric, "target": target, "reference": sweep.reference,
+                  "rows": [r.__dict__ for r in rows]}
+        lines = list(runs.items())
     rf.atomic_write_text(out / "report.md", table)
-    rf.atomic_write_text(out / "report.json", json.dumps(
-        {"metric": metric, "target": target, "reference": sweep.reference,
-         "rows": [r.__dict__ for r in rows]}, indent=2))
-    plot_runs(list(runs.items()), metric, out / "plot.png", title=title)
+    rf.atomic_write_text(out / "report.json", json.dumps(report, indent=2))
+    plot_runs(lines, metric, out / "plot.png", title=title)
     return table
 
 

@@ -79,3 +79,68 @@ def markdown_table(title: str, metric: str, target: float, reference: str, rows:
         lines.append(f"| {r.method} | {r.final:.4f} | {r.best:.4f} | {_fmt_bytes(r.up_bytes)} | "
                      f"{_fmt_bytes(r.down_bytes)} | {_fmt_bytes(r.total_bytes)} | {_fmt_bytes(r.to_target)} | {ratio} |")
     return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------ several seeds
+
+@dataclass
+class SeedRow:
+    """One method over several seeds: spread of its final metric, median bytes to the target, hits."""
+
+    method: str
+    seeds: list[int]
+    finals: list[float]
+    mean: float
+    sd: float  # sample standard deviation (0 with one seed)
+    total_bytes: float  # mean over seeds
+    to_target: list[int | None]  # per seed
+    hits: int
+    median_to_target: float | None  # over seeds, a miss counting as infinitely many bytes; None if most missed
+    ratio: float | None  # reference's median bytes-to-target / this method's
+
+
+def _median_with_misses(values: list[int | None]) -> float | None:
+    """Median where a miss is +inf: None when the median itself is a miss."""
+    xs = sorted(float("inf") if v is None else float(v) for v in values)
+    n = len(xs)
+    med = xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+    return None if med == float("inf") else med
+
+
+def build_seed_rows(runs: dict[str, dict[int, list[dict[str, Any]]]], metric: str, higher_better: bool,
+                    reference: str, slack: float) -> tuple[float, list[SeedRow]]:
+    """Target from the reference's MEAN final metric over its seeds, then one SeedRow per method."""
+    ref_finals = [eval_points(rows, metric)[-1][2] for rows in runs[reference].values()]
+    target = target_from_reference(sum(ref_finals) / len(ref_finals), higher_better, slack)
+    rows_out = []
+    for name, per_seed in runs.items():
+        seeds = sorted(per_seed)
+        finals = [eval_points(per_seed[s], metric)[-1][2] for s in seeds]
+        mean = sum(finals) / len(finals)
+        sd = (sum((f - mean) ** 2 for f in finals) / (len(finals) - 1)) ** 0.5 if len(finals) > 1 else 0.0
+        btt = [bytes_to_target(per_seed[s], metric, target, higher_better) for s in seeds]
+        totals = [per_seed[s][-1]["cum_bytes"] for s in seeds]
+        rows_out.append(SeedRow(name, seeds, finals, mean, sd, sum(totals) / len(totals), btt,
+                                sum(b is not None for b in btt), _median_with_misses(btt), None))
+    ref_med = next(r.median_to_target for r in rows_out if r.method == reference)
+    for r in rows_out:
+        r.ratio = (ref_med / r.median_to_target) if (ref_med and r.median_to_target) else None
+    return target, rows_out
+
+
+def seed_table(title: str, metric: str, target: float, reference: str, rows: list[SeedRow]) -> str:
+    n = max(len(r.seeds) for r in rows)
+    lines = [f"### {title}", "",
+             f"{n} seeds a method. Target: {metric} {'>=' if metric != 'perplexity' else '<='} {target:.4g} (from "
+             f"`{reference}`'s mean final). Bytes to target: median over seeds (a miss counts as never). "
+             f"Ratio = {reference}'s median / the method's.", "",
+             f"| method | final {metric}, mean ± sd | per seed | total bytes (mean) | reached | "
+             f"bytes to target (median) | ratio vs {reference} |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = "—" if r.ratio is None else f"{r.ratio:.1f}x"
+        med = None if r.median_to_target is None else int(r.median_to_target)
+        per = ", ".join(f"{f:.4f}" for f in r.finals)
+        lines.append(f"| {r.method} | {r.mean:.4f} ± {r.sd:.4f} | {per} | {_fmt_bytes(int(r.total_bytes))} | "
+                     f"{r.hits}/{len(r.seeds)} | {_fmt_bytes(med)} | {ratio} |")
+    return "\n".join(lines) + "\n"
