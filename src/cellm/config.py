@@ -14,7 +14,9 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import tomli_w
 
+from cellm.data import DATASETS, TASKS
 from cellm.errors import ConfigError
+from cellm.models.registry import MODELS
 
 PRESET_DIR = Path(__file__).parent / "presets"
 VALUE_CODECS = ("fp32", "fp16", "bf16", "int8", "int4", "int2")
@@ -303,8 +305,6 @@ def _check_choices(cfg: Any, prefix: str) -> None:
 
 def validate(cfg: CellmConfig) -> None:
     """Range checks that need no assets. Raises ConfigError naming the field."""
-    from cellm.data import DATASETS, TASKS
-    from cellm.models.registry import MODELS
 
     _check_choices(cfg, "")
     _check(cfg.rounds >= 1, "rounds", f"must be >= 1; got {cfg.rounds}")

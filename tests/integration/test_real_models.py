@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import cellm
-from cellm.interface import runfolder as rf
+from cellm.runtime import runfolder as rf
 
 pytestmark = pytest.mark.real
 

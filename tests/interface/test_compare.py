@@ -4,10 +4,10 @@ import tomllib
 import pytest
 
 import cellm
-from cellm.interface import runfolder as rf
 from cellm.interface.compare import Sweep, load_sweep, method_dir, run_sweep
 from cellm.interface.report import bytes_to_target, eval_points
 from cellm.methods import METHODS
+from cellm.runtime import runfolder as rf
 
 
 def _sweep(cache_dir, methods, rounds=2):

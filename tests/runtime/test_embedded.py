@@ -1,9 +1,10 @@
+import dataclasses
 import json
 
 import torch
 
 import cellm
-from cellm.interface import runfolder as rf
+from cellm.runtime import runfolder as rf
 
 
 def test_a_three_round_tiny_run_writes_a_complete_run_folder(tmp_path, tiny_overrides):
@@ -29,7 +30,10 @@ def test_a_three_round_tiny_run_writes_a_complete_run_folder(tmp_path, tiny_over
     assert res.totals["down_bytes"] + res.totals["up_bytes"] == rows[-1]["cum_bytes"]
     # every round sends one download per sampled client, and one upload back
     assert all(r["down_messages"] == 3 and r["up_messages"] == 3 for r in rows[1:])
-    assert cellm.load_config(out / rf.CONFIG) == cfg
+    # the folder's config is the run's, with the thread count resolved to a number
+    saved = cellm.load_config(out / rf.CONFIG)
+    assert saved == res.config and saved.run.threads >= 1
+    assert dataclasses.replace(saved, run=cfg.run) == cfg
     assert json.loads((out / rf.SUMMARY).read_text())["final"] == res.final_eval["accuracy"]
 
 

@@ -198,6 +198,8 @@ MODES = {
                                   "faults.deadline_s=12"],
     "pruned+client-freeze": ["comm.freeze_mask_after=1", "comm.client_freeze=true", "comm.zstd_level=3",
                              'comm.codec_down="fp16"'],
+    "init-relative+int4+int2": ["comm.init_relative=true", 'comm.codec_down="int4"', 'comm.codec_up="int2"',
+                                "comm.error_feedback_up=true", 'comm.download_mode="delta"'],
 }
 
 
@@ -241,7 +243,7 @@ def test_silent_and_misconfigured_nodes_do_not_change_the_run(flower_env, embedd
 
 def test_flower_simulation_matches_embedded(flower_env, embedded_tiny, tmp_path):
     """Flower's simulation runtime (Ray), tiny preset, 2 rounds, 4 virtual SuperNodes: same adapter and ledger."""
-    from cellm.interface import runfolder as rf
+    from cellm.runtime import runfolder as rf
     from cellm.runtime.flower.sim import run_flower_simulation
 
     flower = run_flower_simulation(tiny(), tmp_path / "run", num_supernodes=4, workers=2)
@@ -379,7 +381,7 @@ def flwr_cli(args: list[str], timeout: float, cwd: Path) -> subprocess.Completed
 def test_loopback_deployment_tls_and_node_auth(flower_env, embedded_tiny, tmp_path):
     """SuperLink + 2 authenticated SuperNodes over TLS on 127.0.0.1, 2 rounds: the run trains and matches the
     embedded engine; a SuperNode whose key is not registered is refused."""
-    from cellm.interface import runfolder as rf
+    from cellm.runtime import runfolder as rf
     from cellm.runtime.flower import deploy as D
 
     tls = D.make_certificates(tmp_path / "certs")

@@ -8,7 +8,7 @@ from cellm.core.codec import decode
 from cellm.federated import client as client_mod
 from cellm.federated.client import ClientState, InitMismatchError, client_update, vector_digest
 from cellm.federated.server import ServerState, masked_weights, plan_round, train_spec
-from cellm.runtime.embedded import load_setup
+from cellm.runtime.setup import load_setup
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
 import torch
 
 import cellm
-from cellm.runtime.embedded import Simulator, load_setup, simulate
+from cellm.runtime.embedded import Simulator, simulate
+from cellm.runtime.setup import load_setup
 
 
 def _run(cache_dir, *extra):

@@ -8,7 +8,7 @@ import tomllib
 
 from safetensors.torch import load_file
 
-from cellm.interface import runfolder as rf
+from cellm.runtime import runfolder as rf
 
 
 def _env(omp_threads: str | None) -> dict[str, str]:

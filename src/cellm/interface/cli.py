@@ -5,8 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cellm.config import describe_fields, load_config, presets
 from cellm.errors import CellmError, ConfigError
+from cellm.interface import flower_cli
+from cellm.interface.api import resume, run
 from cellm.interface.cliargs import add_config_args, print_summary
+from cellm.interface.compare import load_sweep, run_sweep, sweep_from_args
+from cellm.interface.search import SearchSpec, run_search
+from cellm.methods import METHODS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,7 +43,6 @@ def _parser() -> argparse.ArgumentParser:
     sr.add_argument("--out", required=True, help="Search folder (re-running it reuses finished short runs).")
     sr.add_argument("--jobs", type=int, default=1, help="Candidates run in parallel processes.")
     sub.add_parser("methods", help="List the built-in methods for `cellm compare`.")
-    from cellm.interface import flower_cli
 
     flower_cli.add_parser(sub)
     sub.add_parser("presets", help="List presets.")
@@ -48,9 +53,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from cellm.config import load_config
-    from cellm.interface.api import resume, run
-
     if args.resume:
         if args.config or args.preset or args.overrides or args.out:
             raise ConfigError("--resume DIR takes the config from DIR; drop --config/--preset/--set/--out")
@@ -62,67 +64,62 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    if args.sweep:
+        sweep = load_sweep(args.sweep)
+    else:
+        if not args.methods:
+            raise ConfigError("cellm compare needs --sweep FILE or method names")
+        sweep = sweep_from_args(args.methods, args.preset, args.config, args.overrides, args.reference, args.slack)
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1; got {args.jobs}")
+    print(run_sweep(sweep, args.out, jobs=args.jobs))
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    if args.short_rounds < 1:
+        raise ConfigError(f"--short-rounds must be >= 1; got {args.short_rounds}")
+    base = load_config(args.config, preset=args.preset, overrides=args.overrides)
+    spec = SearchSpec(budget_bytes=int(args.budget), start_rank=args.start_rank, start_density=args.start_density,
+                      max_rank=args.max_rank, min_gain=args.min_gain, patience=args.patience)
+    res = run_search(base, args.overrides, args.preset, args.config, spec, args.out, args.short_rounds,
+                     jobs=args.jobs)
+    print(f"chosen: rank {res.rank}, density {res.density:g} -> {args.out}/chosen.toml")
+    return 0
+
+
+def _methods(args: argparse.Namespace) -> int:
+    for name, (help_, _) in METHODS.items():
+        print(f"{name:18} {help_}")
+    return 0
+
+
+def _presets(args: argparse.Namespace) -> int:
+    print("\n".join(presets()))
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    if args.fields:
+        for key, default, help_ in describe_fields():
+            print(f"{key:28} {default:16} {help_}")
+    else:
+        print(load_config(args.config, preset=args.preset, overrides=args.overrides).to_toml(), end="")
+    return 0
+
+
+HANDLERS = {"run": _run, "compare": _compare, "search": _search, "methods": _methods, "presets": _presets,
+            "config": _config, "flower": flower_cli.main}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command == "run":
-            return _run(args)
-        if args.command == "flower":
-            from cellm.interface import flower_cli
-
-            return flower_cli.main(args)
-        if args.command == "compare":
-            from cellm.interface.compare import load_sweep, run_sweep, sweep_from_args
-
-            if args.sweep:
-                sweep = load_sweep(args.sweep)
-            else:
-                if not args.methods:
-                    raise ConfigError("cellm compare needs --sweep FILE or method names")
-                sweep = sweep_from_args(args.methods, args.preset, args.config, args.overrides, args.reference,
-                                        args.slack)
-            if args.jobs < 1:
-                raise ConfigError(f"--jobs must be >= 1; got {args.jobs}")
-            print(run_sweep(sweep, args.out, jobs=args.jobs))
-            return 0
-        if args.command == "search":
-            from cellm.config import load_config
-            from cellm.interface.search import SearchSpec, run_search
-
-            if args.short_rounds < 1:
-                raise ConfigError(f"--short-rounds must be >= 1; got {args.short_rounds}")
-            base = load_config(args.config, preset=args.preset, overrides=args.overrides)
-            spec = SearchSpec(budget_bytes=int(args.budget), start_rank=args.start_rank,
-                              start_density=args.start_density, max_rank=args.max_rank, min_gain=args.min_gain,
-                              patience=args.patience)
-            res = run_search(base, args.overrides, args.preset, args.config, spec, args.out, args.short_rounds,
-                             jobs=args.jobs)
-            print(f"chosen: rank {res.rank}, density {res.density:g} -> {args.out}/chosen.toml")
-            return 0
-        if args.command == "methods":
-            from cellm.methods import METHODS
-
-            for name, (help_, _) in METHODS.items():
-                print(f"{name:18} {help_}")
-            return 0
-        if args.command == "presets":
-            from cellm.config import presets
-
-            print("\n".join(presets()))
-            return 0
-        if args.command == "config":
-            from cellm.config import describe_fields, load_config
-
-            if args.fields:
-                for key, default, help_ in describe_fields():
-                    print(f"{key:28} {default:16} {help_}")
-            else:
-                print(load_config(args.config, preset=args.preset, overrides=args.overrides).to_toml(), end="")
-            return 0
+        return HANDLERS[args.command](args)
     except CellmError as exc:
         print(f"cellm: error: {exc}", file=sys.stderr)
         return 2
-    return 1
 
 
 if __name__ == "__main__":

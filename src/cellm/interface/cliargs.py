@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from cellm.runtime.record import summary
+
 
 def add_config_args(p: argparse.ArgumentParser, what: str = "") -> None:
     """--config / --preset / --set, resolved by :func:`cellm.config.load_config` in that order."""
@@ -14,7 +16,6 @@ def add_config_args(p: argparse.ArgumentParser, what: str = "") -> None:
 
 
 def print_summary(result, runtime: str = "") -> None:
-    from cellm.interface.api import summary
 
     s = summary(result)
     print(f"run folder: {result.out_dir}")

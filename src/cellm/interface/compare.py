@@ -28,9 +28,13 @@ from typing import Any
 
 from cellm.config import CellmConfig, load_config
 from cellm.errors import ConfigError
-from cellm.interface import runfolder as rf
+from cellm.interface.api import resume, run
 from cellm.interface.report import build_rows, build_seed_rows, markdown_table, seed_table
 from cellm.methods import METHODS, method_overrides
+from cellm.models.evaluate import primary_metric
+from cellm.models.registry import MODELS
+from cellm.runtime import runfolder as rf
+from cellm.runtime.plot import plot_runs
 
 
 @dataclass
@@ -116,7 +120,6 @@ def _status(d: Path) -> str:
 
 def _run_one(cfg_toml: str, out: str, threads: int) -> str:
     """Run or resume one method; a config that leaves run.threads at 0 gets the sweep's share of the cores."""
-    from cellm.interface.api import resume, run
 
     d = Path(out)
     status = _status(d)
@@ -162,9 +165,6 @@ def run_sweep(sweep: Sweep, out: str | Path, *, jobs: int = 1, log=print, report
 
 
 def write_report(sweep: Sweep, out: Path) -> str:
-    from cellm.interface.plot import plot_runs
-    from cellm.models.evaluate import primary_metric
-    from cellm.models.registry import MODELS
 
     base = sweep.base()
     metric, higher = primary_metric(MODELS[base.model.name].task)

@@ -21,8 +21,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from cellm.config import load_config
 from cellm.errors import ConfigError
 from cellm.interface.cliargs import add_config_args, print_summary
+from cellm.runtime.record import check_new_folder, default_out_dir
 
 EXTRA_HINT = "cellm flower needs Flower: pip install 'cellm[flower]'"
 
@@ -83,19 +85,16 @@ def _need_flwr(module: str = "flwr") -> None:
 
 
 def _load(args: argparse.Namespace):
-    from cellm.config import load_config
 
     return load_config(args.config, preset=args.preset, overrides=args.overrides)
 
 
 def _sim(args: argparse.Namespace) -> int:
-    from cellm.interface.api import default_out_dir
     from cellm.runtime.flower.sim import run_flower_simulation
 
     cfg = _load(args)
     out = Path(args.out) if args.out else default_out_dir(cfg)
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"run folder {out} already exists and is not empty; choose another --out")
+    check_new_folder(out)
     result = run_flower_simulation(cfg, out, num_supernodes=args.supernodes, workers=args.workers,
                                    torch_threads=args.threads, progress=not args.no_progress)
     print_summary(result, " (Flower)")
@@ -103,7 +102,6 @@ def _sim(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from cellm.interface.api import default_out_dir
     from cellm.runtime.flower import deploy as D
 
     cfg = _load(args)

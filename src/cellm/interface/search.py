@@ -17,7 +17,10 @@ from pathlib import Path
 
 from cellm.config import CellmConfig, load_config
 from cellm.errors import ConfigError
-from cellm.interface import runfolder as rf
+from cellm.interface.compare import Sweep, method_dir, run_sweep
+from cellm.models.evaluate import primary_metric
+from cellm.models.registry import MODELS
+from cellm.runtime import runfolder as rf
 
 Evaluate = Callable[[list[tuple[int, float]]], list[tuple[float, int]]]  # [(rank, d)] -> [(metric, bytes)]
 
@@ -144,9 +147,6 @@ def run_search(base: CellmConfig, base_overrides: list[str], base_preset: str | 
                spec: SearchSpec, out: str | Path, short_rounds: int, jobs: int = 1,
                log: Callable[[str], None] = print) -> SearchResult:
     """FLASC-Search with short federated runs through the sweep runner; writes search.md/json + chosen.toml."""
-    from cellm.interface.compare import Sweep, method_dir, run_sweep
-    from cellm.models.evaluate import primary_metric
-    from cellm.models.registry import MODELS
 
     metric, higher = primary_metric(MODELS[base.model.name].task)
     spec.higher_better = higher

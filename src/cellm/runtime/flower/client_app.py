@@ -17,12 +17,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import tomllib
 from typing import Any
 
+import torch
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
+from cellm.config import load_config
+from cellm.federated.client import client_update
+from cellm.federated.server import train_spec
+from cellm.models.registry import check_assets
 from cellm.runtime.flower import protocol as P
+from cellm.runtime.setup import load_setup
 
 app = ClientApp()
 
@@ -35,7 +42,6 @@ def _threads(context: Context, run_threads: int) -> None:
     """Train with the run's thread count; a node override (``torch-threads``, env ``CELLM_TORCH_THREADS``) wins
     and is logged when it differs, since it makes this node's updates differ from an embedded run's at rounding
     level."""
-    import torch
 
     raw = context.node_config.get("torch-threads", os.environ.get("CELLM_TORCH_THREADS"))
     n = run_threads
@@ -56,7 +62,6 @@ def _node_config(context: Context) -> dict[str, Any]:
 
 
 def _config_and_setup(context: Context, digest: str):
-    from cellm.config import load_config
 
     if P.STATE_CONFIG not in context.state.config_records:
         raise P.ProtocolError("this node got a train message before the run's setup message")
@@ -65,9 +70,7 @@ def _config_and_setup(context: Context, digest: str):
         raise P.ProtocolError(f"train message is for config {digest[:12]} but this node was set up with "
                               f"{str(rec.get('digest'))[:12]}")
     if digest not in _SETUP_CACHE:
-        import tomllib
 
-        from cellm.runtime.embedded import load_setup
 
         cfg = load_config(data=tomllib.loads(str(rec["config"])))
         _threads(context, cfg.run.threads)  # before the model is built
@@ -85,10 +88,8 @@ def setup(msg: Message, context: Context) -> Message:
 
     The config is validated and the model's assets checked here, so a node that cannot train says so at once.
     """
-    import tomllib
 
     from cellm.config import load_config
-    from cellm.models.registry import check_assets
 
     text, digest = P.read_setup(msg.content)
     cfg = load_config(data=tomllib.loads(text))
@@ -101,8 +102,6 @@ def setup(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One cellm client's round: decode the download, train, encode the upload."""
-    from cellm.federated.client import client_update
-    from cellm.federated.server import train_spec
 
     task, digest = P.read_task(msg.content)
     cfg, setup_ = _config_and_setup(context, digest)

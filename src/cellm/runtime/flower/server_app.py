@@ -3,12 +3,13 @@
 Each round the driver calls :func:`cellm.federated.server.plan_round` (sampling, download mask, encoding, ledger),
 sends each sampled client its task as one ``train`` Message addressed to the node that serves that client,
 collects the replies, calls :func:`cellm.federated.server.finish_round` (strict decode, aggregate, server step,
-ledger) and evaluates on the server's own model exactly like the embedded runtime; rounds are written with
-:class:`cellm.interface.api.RunRecorder`. There is no algorithm code here.
+ledger) and evaluates on the server's own model: the round loop is :func:`cellm.runtime.driver.drive`, the same
+as the embedded runtime's, with :class:`CellmStrategy` as the way clients run; rounds are written with
+:class:`cellm.runtime.record.RunRecorder`. There is no algorithm code here.
 
 Why not ``flwr.serverapp.strategy.Strategy.start``: it sends one ArrayRecord of the global model per round and
 expects every reply to share keys, while cellm sends per-client encoded payloads and one node may serve several
-cellm clients. The driver keeps Flower's template (``configure_train`` -> send -> ``aggregate_train``) but sends a
+cellm clients. The strategy keeps Flower's template (``configure_train`` -> send -> ``collect``) but sends a
 node's tasks one at a time ("waves"), so a node's ``context.state`` is never updated by two messages at once.
 
 Run config (``[tool.flwr.app.config]``, override with ``flwr run ... --run-config``): ``config-toml`` (the whole
@@ -22,9 +23,8 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import time
-from collections.abc import Callable
+import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +33,13 @@ from typing import Any
 from flwr.app import Context, Message, MessageType
 from flwr.serverapp import Grid, ServerApp
 
-from cellm.config import CellmConfig
+from cellm.config import CellmConfig, load_config
+from cellm.federated.server import RoundPlan, ServerState
+from cellm.models.evaluate import primary_metric
+from cellm.runtime.driver import drive
 from cellm.runtime.flower import protocol as P
+from cellm.runtime.record import RunRecorder, check_new_folder, default_out_dir, new_run_folder, summary
+from cellm.runtime.setup import load_setup
 from cellm.runtime.threads import pin_threads, using_threads
 
 log = logging.getLogger("cellm.flower")
@@ -51,8 +56,8 @@ class DriverOptions:
 class CellmStrategy:
     """Drives cellm rounds over a Flower Grid; all round logic is :mod:`cellm.federated.server`."""
 
-    def __init__(self, cfg: CellmConfig, options: DriverOptions = DriverOptions()) -> None:
-        self.cfg, self.options = cfg, options
+    def __init__(self, grid: Grid, cfg: CellmConfig, options: DriverOptions = DriverOptions()) -> None:
+        self.grid, self.cfg, self.options = grid, cfg, options
         self.toml = cfg.to_toml()
         self.digest = P.config_digest(self.toml)
         self.client_node: dict[int, int] = {}  # cellm client id -> Flower node id
@@ -60,7 +65,6 @@ class CellmStrategy:
         self.bad_nodes: dict[int, str] = {}
         self.asked: set[int] = set()  # nodes sent the setup message
         self.pending: dict[str, int] = {}  # setup message id -> node, not answered yet
-        self._last_replies: list = []
 
     # -------------------------------------------------------------- nodes
 
@@ -139,14 +143,10 @@ class CellmStrategy:
             replies.extend(grid.send_and_receive(wave, timeout=left))
         return replies
 
-    def aggregate_train(self, state, plan, replies: list[Message], sent: list[int], missing: dict[int, str]):
-        """Check each reply comes from the right node for a client it was sent, then cellm's finish_round.
-
-        ``sent``: the clients that got a task; ``missing``: clients already known not to reply (simulated faults).
-        A client whose node answers with an error counts as "failed", one with no reply in time as "late".
-        """
-        from cellm.federated.server import finish_round
-
+    def collect(self, plan: RoundPlan, replies: list[Message], sent: list[int]):
+        """Check each reply comes from the right node for a client it was sent; return (replies by client,
+        lost clients). A client whose node answers with an error counts as "failed", one with no reply in time
+        as "late"."""
         got: dict[int, Any] = {}
         node_failed: set[int] = set()
         for msg in replies:
@@ -170,121 +170,60 @@ class CellmStrategy:
         lost = {c: ("failed" if c in failed else "late") for c in sent if c not in got}
         if lost:
             log.warning("round %d: no upload from clients %s", plan.round, lost)
-        self._last_replies = list(got.values())
-        return finish_round(state, self.cfg, plan, got, {**missing, **lost})
+        return got, lost
 
-    # -------------------------------------------------------------- the run
+    # -------------------------------------------------------------- the driver's ClientRunner
 
-    def round(self, grid: Grid, state, supports):
-        """One round, as :meth:`cellm.runtime.embedded.Simulator.round` but with the clients on Flower nodes."""
-        from cellm.federated.faults import arrivals
-        from cellm.federated.server import plan_round
+    def prepare(self) -> None:
+        """Before each round: set up nodes that joined, and wait until every cellm client is served."""
+        self.discover(self.grid, self.options.node_wait_s)
 
-        t0 = time.perf_counter()
-        plan = plan_round(state, self.cfg, supports)
-        plan_s = time.perf_counter() - t0
-        fa = self.cfg.faults  # simulated faults, derived from (seed, round, client) as in the embedded runtime
-        arrived, failed, late = arrivals(self.cfg.seed, plan.round, plan.clients, fa.failure_prob, fa.deadline_s,
-                                         fa.client_time_s, fa.time_sigma)
-        missing = {c: "failed" for c in failed} | {c: "late" for c in late}
-        messages = [m for m, c in zip(self.configure_train(plan, grid), plan.clients, strict=True) if c in arrived]
-        replies = self.send(grid, messages, self.options.round_timeout_s)
-        t0 = time.perf_counter()
-        outcome = self.aggregate_train(state, plan, replies, arrived, missing)
-        outcome.overhead_s = plan_s + (time.perf_counter() - t0) + sum(
-            float(r.extra.get("codec_s", 0.0)) for r in self._last_replies)
-        return outcome
-
-    def start(self, grid: Grid, setup, on_round: Callable[[Any, dict[str, Any]], None] | None = None):
-        """Run every round (after round 0's evaluation), like :func:`cellm.runtime.embedded.simulate`."""
-        from cellm.federated.server import ServerState
-        from cellm.runtime.embedded import evaluate_state, metrics_row, tier_supports
-
-        cfg = self.cfg
-        t0 = time.perf_counter()
-        self.discover(grid, self.options.node_wait_s)
-        supports = tier_supports(cfg, setup.flat)
-        state = ServerState.initial(setup.w0)
-        ev = evaluate_state(setup, state, cfg, 1)
-        row = metrics_row(state, None, time.perf_counter() - t0, 0.0, ev, cfg)
-        state.metrics.append(row)
-        if on_round:
-            on_round(state, row)
-        while state.round < cfg.rounds:
-            r0 = time.perf_counter()
-            self.discover(grid, self.options.node_wait_s)  # nodes may have joined
-            outcome = self.round(grid, state, supports)
-            t = state.round
-            ev = None
-            if t % cfg.fl.eval_every == 0 or t == cfg.rounds:
-                ev = evaluate_state(setup, state, cfg, t + 1)
-            now = time.perf_counter()
-            row = metrics_row(state, outcome, now - t0, now - r0, ev, cfg)
-            state.metrics.append(row)
-            loss = row.get("train_loss")
-            log.info("round %d/%d: clients %s, %s bytes so far, loss %s, eval %s, %.1f s", t, cfg.rounds,
-                     row.get("clients"), row.get("cum_bytes"), "-" if loss is None else f"{loss:.4f}",
-                     row.get("eval"), row["round_s"])
-            if on_round:
-                on_round(state, row)
-        return state
+    def run_clients(self, plan: RoundPlan, arrived: list[int]):
+        messages = [m for m, c in zip(self.configure_train(plan, self.grid), plan.clients, strict=True)
+                    if c in arrived]
+        return self.collect(plan, self.send(self.grid, messages, self.options.round_timeout_s), arrived)
 
 
 # ------------------------------------------------------------------ the ServerApp
 
 def run_server(grid: Grid, cfg: CellmConfig, out: str | Path | None, options: DriverOptions = DriverOptions()):
     """Run a cellm job over ``grid``; with ``out`` write the run folder. Returns a RunResult."""
-    from cellm.errors import ConfigError
-
     out_dir = Path(out) if out is not None else None
-    if out_dir is not None and out_dir.exists() and any(out_dir.iterdir()):
-        raise ConfigError(f"run folder {out_dir} already exists and is not empty; choose another out")
+    check_new_folder(out_dir)
     cfg = pin_threads(cfg)  # the nodes get the resolved count with the config
     log.info("torch threads: %d (run.threads)", cfg.run.threads)
     with using_threads(cfg.run.threads):
-        return _serve(grid, cfg, out_dir, options)
+        strategy = CellmStrategy(grid, cfg, options)
+        # Load the server's model and data while the nodes answer the setup message (each answer starts a process).
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            loading = pool.submit(load_setup, cfg)
+            try:
+                strategy.discover(grid, options.node_wait_s)
+            finally:
+                setup = loading.result()
+        with new_run_folder(out_dir, cfg):
+            if out_dir is not None:
+                log.info("run folder: %s", out_dir.resolve())
+            metric, _ = primary_metric(setup.lm.task)
+            rec = RunRecorder(cfg, out_dir, metric, options.progress)
 
+            def on_round(state: ServerState, row: dict[str, Any]) -> None:
+                if row["round"] > 0:
+                    loss = row.get("train_loss")
+                    log.info("round %d/%d: clients %s, %s bytes so far, loss %s, eval %s, %.1f s", row["round"],
+                             cfg.rounds, row.get("clients"), row.get("cum_bytes"),
+                             "-" if loss is None else f"{loss:.4f}", row.get("eval"), row["round_s"])
+                rec.on_round(state, row)
 
-def _serve(grid: Grid, cfg: CellmConfig, out_dir: Path | None, options: DriverOptions):
-    from cellm.interface import runfolder as rf
-    from cellm.interface.api import RunRecorder
-    from cellm.models.evaluate import primary_metric
-    from cellm.runtime.embedded import load_setup
-
-    strategy = CellmStrategy(cfg, options)
-    # Load the server's model and data while the nodes answer the setup message (each answer starts a process).
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        loading = pool.submit(load_setup, cfg)
-        try:
-            strategy.discover(grid, options.node_wait_s)
-        finally:
-            setup = loading.result()
-    created = False
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        created = True
-        rf.atomic_write_text(out_dir / rf.CONFIG, cfg.to_toml())
-        log.info("run folder: %s", out_dir.resolve())
-    try:
-        metric, _ = primary_metric(setup.lm.task)
-        rec = RunRecorder(cfg, out_dir, metric, options.progress)
-        try:
-            state = strategy.start(grid, setup, on_round=rec.on_round)
-        finally:
-            rec.close()
-        return rec.finish(state, setup)
-    except BaseException:
-        if created and not (out_dir / rf.METRICS).exists():
-            shutil.rmtree(out_dir, ignore_errors=True)
-        raise
+            try:
+                state = drive(cfg, setup, strategy, on_round=on_round)
+            finally:
+                rec.close()
+            return rec.finish(state, setup)
 
 
 def config_from_run_config(run_config: dict[str, Any]) -> tuple[CellmConfig, Path | None, DriverOptions]:
     """The cellm config, run folder and driver options from a Flower run config (see the module docstring)."""
-    import tomllib
-
-    from cellm.config import load_config
-    from cellm.interface.api import default_out_dir
 
     overrides = [s.strip() for s in str(run_config.get("set", "")).split(";") if s.strip()]
     inline = str(run_config.get("config-toml", ""))
@@ -302,8 +241,6 @@ def config_from_run_config(run_config: dict[str, Any]) -> tuple[CellmConfig, Pat
 
 
 def _log_summary(result) -> None:
-    from cellm.interface.api import summary
-
     s = summary(result)
     final = s["final"]
     log.info("cellm on Flower: %s %.4f -> %s after %d rounds; %d bytes on the wire (down %d, up %d); folder %s",

@@ -1,0 +1,155 @@
+"""The round loop, written once. Both runtimes drive rounds through :func:`drive`; they differ only in the
+:class:`ClientRunner` that executes the sampled clients (in process, or as Flower messages to SuperNodes).
+
+A round: plan (sample, densities, encode downloads), simulated faults, run the clients that arrive, finish
+(decode strictly, aggregate, server step), evaluate when due, append the metrics row, call ``on_round``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import torch
+
+from cellm.config import CellmConfig
+from cellm.core.dp import epsilon as dp_epsilon
+from cellm.federated.client import ClientReply
+from cellm.federated.faults import arrivals
+from cellm.federated.server import (
+    RoundOutcome,
+    RoundPlan,
+    ServerState,
+    densities,
+    finish_round,
+    masked_weights,
+    model_weights,
+    plan_round,
+    tier_factor,
+    tier_rank,
+)
+from cellm.models.evaluate import evaluate
+from cellm.models.flat import FlatView, rank_support
+from cellm.runtime.setup import Setup
+
+OnRound = Callable[[ServerState, dict[str, Any]], None]
+
+
+class ClientRunner(Protocol):
+    """How a runtime executes the clients of a round."""
+
+    def prepare(self) -> None:
+        """Called before each round (Flower: set up SuperNodes that joined since)."""
+
+    def run_clients(self, plan: RoundPlan, arrived: list[int]) -> tuple[dict[int, ClientReply], dict[int, str]]:
+        """Run the clients in ``arrived``; return their replies and the clients lost on the way
+        ("failed" or "late"). Clients the simulated faults drop are not in ``arrived``."""
+
+
+def evaluate_vector(setup: Setup, vec: torch.Tensor, cfg: CellmConfig) -> dict[str, float]:
+    setup.flat.set(vec)
+    return evaluate(setup.lm.model, setup.data.test, setup.lm.task, cfg.eval.batch_size)
+
+
+def tier_supports(cfg: CellmConfig, flat: FlatView) -> dict[int, torch.Tensor] | None:
+    """Rank tiers' supports over the flat vector (None unless hetero.mode = 'rank')."""
+    if cfg.hetero.mode != "rank":
+        return None
+    return {i: rank_support(flat, tier_rank(cfg, i)) for i in range(cfg.hetero.num_tiers)}
+
+
+def evaluate_state(setup: Setup, state: ServerState, cfg: CellmConfig, round_: int) -> dict[str, float]:
+    """The global model's metrics, plus each tier's own masked model when clients are tiered."""
+    out = evaluate_vector(setup, model_weights(state, cfg, round_), cfg)
+    if cfg.hetero.mode != "none":
+        supports = tier_supports(cfg, setup.flat) or {}
+        d_down, _ = densities(cfg, round_)
+        for i in range(cfg.hetero.num_tiers):
+            dd = d_down * tier_factor(cfg, i) if cfg.hetero.mode == "density" else d_down
+            vec = masked_weights(state, cfg, round_, dd, supports.get(i))
+            for k, v in evaluate_vector(setup, vec, cfg).items():
+                out[f"tier{i}.{k}"] = v
+    return out
+
+
+def metrics_row(state: ServerState, outcome: RoundOutcome | None, wall_s: float, round_s: float,
+                eval_metrics: dict[str, float] | None, cfg: CellmConfig) -> dict[str, Any]:
+    t = state.round
+    row: dict[str, Any] = {"round": t}
+    row.update(state.ledger.round_totals(t))
+    row["cum_bytes"] = state.ledger.cum_bytes(t)
+    d_down, d_up = densities(cfg, max(t, 1))
+    row["d_down"], row["d_up"] = d_down, d_up
+    loss = None if outcome is None else outcome.train_loss
+    row["train_loss"] = None if loss is None or math.isnan(loss) else loss
+    if outcome is not None:
+        row["clients"] = sorted(outcome.accepted + list(outcome.rejected) + list(outcome.missing))
+        row["accepted"] = len(outcome.accepted)
+        row["rejected"] = len(outcome.rejected)
+        row["failed"] = sum(1 for v in outcome.missing.values() if v == "failed")
+        row["late"] = sum(1 for v in outcome.missing.values() if v == "late")
+        row["applied"] = outcome.applied
+        row["overhead_s"] = round(outcome.overhead_s, 4)
+    if cfg.dp.noise_multiplier > 0:
+        row["epsilon"] = dp_epsilon(cfg.dp.noise_multiplier, cfg.fl.clients_per_round / cfg.data.num_clients,
+                                    t, cfg.dp.delta)
+    row["wall_s"] = round(wall_s, 3)
+    row["round_s"] = round(round_s, 3)
+    if eval_metrics is not None:
+        row["eval"] = eval_metrics
+    return row
+
+
+def play_round(state: ServerState, cfg: CellmConfig, supports: dict[int, torch.Tensor] | None,
+               runner: ClientRunner) -> RoundOutcome:
+    """One round with ``runner`` executing the clients; ``overhead_s`` is the time in masks, coding, decoding,
+    aggregation and the server step (not training, not evaluation)."""
+    t0 = time.perf_counter()
+    plan = plan_round(state, cfg, supports)
+    plan_s = time.perf_counter() - t0
+    fa = cfg.faults  # simulated faults, derived from (seed, round, client): the same in every runtime
+    arrived, failed, late = arrivals(cfg.seed, plan.round, plan.clients, fa.failure_prob, fa.deadline_s,
+                                     fa.client_time_s, fa.time_sigma)
+    missing = {c: "failed" for c in failed} | {c: "late" for c in late}
+    replies, lost = runner.run_clients(plan, arrived)
+    t0 = time.perf_counter()
+    outcome = finish_round(state, cfg, plan, replies, {**missing, **lost})
+    outcome.overhead_s = plan_s + (time.perf_counter() - t0) + sum(
+        float(r.extra.get("codec_s", 0.0)) for r in replies.values())
+    return outcome
+
+
+def drive(cfg: CellmConfig, setup: Setup, runner: ClientRunner, state: ServerState | None = None,
+          on_round: OnRound | None = None) -> ServerState:
+    """Run rounds until cfg.rounds (from ``state`` when resuming); call ``on_round(state, row)`` after each
+    round and after round 0's evaluation."""
+    t0 = time.perf_counter()
+    if state is None:
+        state = ServerState.initial(setup.w0)
+    supports = tier_supports(cfg, setup.flat)
+    if state.round == 0 and not state.metrics:
+        runner.prepare()
+        ev = evaluate_state(setup, state, cfg, 1)
+        row = metrics_row(state, None, time.perf_counter() - t0, 0.0, ev, cfg)
+        state.metrics.append(row)
+        if on_round:
+            on_round(state, row)
+    offset = state.metrics[-1]["wall_s"] if state.metrics else 0.0
+    while state.round < cfg.rounds:
+        r0 = time.perf_counter()
+        runner.prepare()
+        outcome = play_round(state, cfg, supports, runner)
+        t = state.round
+        ev = None
+        e0 = time.perf_counter()
+        if t % cfg.fl.eval_every == 0 or t == cfg.rounds:
+            ev = evaluate_state(setup, state, cfg, t + 1)
+        now = time.perf_counter()
+        row = metrics_row(state, outcome, offset + now - t0, now - r0, ev, cfg)
+        row["eval_s"] = round(now - e0, 3)
+        state.metrics.append(row)
+        if on_round:
+            on_round(state, row)
+    return state
