@@ -346,14 +346,14 @@ def validate(cfg: CellmConfig) -> None:
     _check(0.0 <= s.beta2 < 1.0, "server.beta2", f"must be in [0, 1); got {s.beta2}")
     _check(s.eps > 0, "server.eps", f"must be > 0; got {s.eps}")
     _check(s.weight_decay >= 0, "server.weight_decay", f"must be >= 0; got {s.weight_decay}")
-    k = cfg.comm
+    comm = cfg.comm
     for name in ("down_density", "up_density", "down_decay", "up_decay"):
-        v = getattr(k, name)
+        v = getattr(comm, name)
         _check(0.0 < v <= 1.0, f"comm.{name}", f"must be in (0, 1]; got {v}")
-    _check(k.decay_every >= 1, "comm.decay_every", f"must be >= 1; got {k.decay_every}")
-    _check(k.freeze_mask_after >= 0, "comm.freeze_mask_after", f"must be >= 0; got {k.freeze_mask_after}")
-    _check(k.int8_block >= 1, "comm.int8_block", f"must be >= 1; got {k.int8_block}")
-    _check(0 <= k.zstd_level <= 22, "comm.zstd_level", f"must be in [0, 22]; got {k.zstd_level}")
+    _check(comm.decay_every >= 1, "comm.decay_every", f"must be >= 1; got {comm.decay_every}")
+    _check(comm.freeze_mask_after >= 0, "comm.freeze_mask_after", f"must be >= 0; got {comm.freeze_mask_after}")
+    _check(comm.int8_block >= 1, "comm.int8_block", f"must be >= 1; got {comm.int8_block}")
+    _check(0 <= comm.zstd_level <= 22, "comm.zstd_level", f"must be in [0, 22]; got {comm.zstd_level}")
     _check(cfg.run.threads >= 0, "run.threads", f"must be >= 0 (0 = decide at start); got {cfg.run.threads}")
     _check(cfg.run.checkpoint_every >= 0, "run.checkpoint_every", f"must be >= 0; got {cfg.run.checkpoint_every}")
     fa = cfg.faults
@@ -372,7 +372,7 @@ def validate(cfg: CellmConfig) -> None:
     if h.mode == "rank":
         _check(m.lora_rank >= 4 ** (h.num_tiers - 1), "hetero.num_tiers",
                f"needs model.lora_rank >= 4^(num_tiers-1) = {4 ** (h.num_tiers - 1)}; got rank {m.lora_rank}")
-        _check(k.download_mode == "weights", "comm.download_mode", "must be 'weights' with hetero.mode = 'rank'")
+        _check(comm.download_mode == "weights", "comm.download_mode", "must be 'weights' with hetero.mode = 'rank'")
     _check(cfg.eval.batch_size >= 1, "eval.batch_size", f"must be >= 1; got {cfg.eval.batch_size}")
 
 

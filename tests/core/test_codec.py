@@ -63,7 +63,7 @@ def assert_same_positions(a, b):
 
 @given(
     sparse_vectors(),
-    st.sampled_from(["auto", "bitmap", "gaps", "golomb"]),
+    st.sampled_from(["auto", "bitmap", "gaps"]),
     st.sampled_from([0, 1, 3]),
 )
 @settings(max_examples=150, deadline=None)

@@ -15,10 +15,12 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 import uuid
 from pathlib import Path
 
 import pytest
+import tomli_w
 
 flwr = pytest.importorskip("flwr", reason="Flower is not installed: pip install 'cellm[flower]' (make test does)")
 
@@ -254,6 +256,21 @@ def test_flower_simulation_matches_embedded(flower_env, embedded_tiny, tmp_path)
 
 # ------------------------------------------------------------------ loopback deployment: TLS + SuperNode auth
 
+def write_connection(flwr_home: str | Path, name: str, address: str, root_certificates: str | Path | None) -> Path:
+    """Add ``[superlink.<name>]`` to ``$FLWR_HOME/config.toml`` (insecure when no CA certificate is given)."""
+    path = Path(flwr_home) / "config.toml"
+    data = tomllib.loads(path.read_text()) if path.exists() else {}
+    conn: dict[str, object] = {"address": address}
+    if root_certificates is None:
+        conn["insecure"] = True
+    else:
+        conn["root-certificates"] = str(Path(root_certificates).absolute())
+    data.setdefault("superlink", {})[name] = conn
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(tomli_w.dumps(data))
+    return path
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -389,7 +406,7 @@ def test_loopback_deployment_tls_and_node_auth(flower_env, embedded_tiny, tmp_pa
     intruder_key, _ = D.make_node_keys(tmp_path / "keys", "intruder")
     port = free_port()
     address = f"127.0.0.1:{port}"
-    D.write_connection(os.environ["FLWR_HOME"], "loop", address, tls.ca_cert)
+    write_connection(os.environ["FLWR_HOME"], "loop", address, tls.ca_cert)
     out = tmp_path / "run"
     procs = Processes(tmp_path)
     try:

@@ -24,7 +24,6 @@ import tomllib
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from cellm.config import CellmConfig, load_config
 from cellm.errors import ConfigError
@@ -195,7 +194,3 @@ def sweep_from_args(methods: list[str], preset: str | None, config: str | None, 
                   reference=reference, slack=slack)
     check_sweep(sweep)
     return sweep
-
-
-def summary_rows(out: Path) -> list[dict[str, Any]]:
-    return json.loads((out / "report.json").read_text())["rows"]

@@ -42,20 +42,6 @@ class FlatView:
         for p, a, b in zip(self.params, self.offsets[:-1], self.offsets[1:], strict=True):
             p.copy_(vec[a:b].view(p.shape).to(p.dtype))
 
-    def grad(self) -> torch.Tensor:
-        return torch.cat([
-            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(torch.float32)
-            for p in self.params
-        ])
-
-    def mask_where(self, predicate) -> torch.Tensor:
-        """Boolean mask over the flat vector of the tensors whose name satisfies ``predicate``."""
-        mask = torch.zeros(self.numel, dtype=torch.bool)
-        for name, a, b in self.segments():
-            if predicate(name):
-                mask[a:b] = True
-        return mask
-
 
 def rank_support(flat: FlatView, keep: int) -> torch.Tensor:
     """Entries of the first ``keep`` LoRA ranks (rows of A, columns of B) plus every non-LoRA tensor (the head)."""

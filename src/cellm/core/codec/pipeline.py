@@ -29,7 +29,7 @@ from cellm.core.codec.header import (
     pack,
     unpack,
 )
-from cellm.core.codec.spec import MAX_BLOCK_SIZE, SCALED_VALUES, CodecSpec
+from cellm.core.codec.spec import MAX_BLOCK_SIZE, SCALED_VALUES, CodecSpec, is_int
 from cellm.core.codec.values import stage_for_spec, value_stage
 from cellm.core.sparse import SparseVector
 
@@ -74,9 +74,9 @@ def decode(data: bytes, *, max_n: int, expected_n: int | None = None) -> SparseV
     ``max_n`` caps the declared N before anything is allocated; ``expected_n`` (if given) must equal it.
     Bad arguments (not bad data) raise plain ValueError.
     """
-    if not _is_int(max_n) or not 0 <= max_n <= HARD_MAX_N:
+    if not is_int(max_n) or not 0 <= max_n <= HARD_MAX_N:
         raise ValueError(f"max_n must be an int in [0, {HARD_MAX_N}], got {max_n!r}")
-    if expected_n is not None and (not _is_int(expected_n) or expected_n < 0):
+    if expected_n is not None and (not is_int(expected_n) or expected_n < 0):
         raise ValueError(f"expected_n must be a non-negative int or None, got {expected_n!r}")
     if not isinstance(data, bytes | bytearray | memoryview):
         raise CodecError(f"message must be bytes, got {type(data).__name__}")
@@ -177,7 +177,7 @@ def _as_arrays(vec: SparseVector) -> tuple[int, np.ndarray, np.ndarray]:
     if not isinstance(vec, SparseVector):
         raise TypeError(f"encode needs a SparseVector, got {type(vec).__name__}")
     n = vec.n
-    if not _is_int(n) or not 0 <= n <= HARD_MAX_N:
+    if not is_int(n) or not 0 <= n <= HARD_MAX_N:
         raise ValueError(f"vector n must be an int in [0, {HARD_MAX_N}], got {n!r}")
     if vec.indices.dim() != 1 or vec.values.dim() != 1 or vec.indices.numel() != vec.values.numel():
         raise ValueError("indices and values must be 1-D and of equal length")
@@ -197,7 +197,3 @@ def _as_arrays(vec: SparseVector) -> tuple[int, np.ndarray, np.ndarray]:
     if not np.isfinite(vals).all():
         raise ValueError(f"{int((~np.isfinite(vals)).sum())} values are NaN or infinite")
     return n, idx, vals
-
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)

@@ -233,7 +233,7 @@ def choose(idx: np.ndarray, n: int, wanted: str) -> PositionPlan:
     if wanted == "bitmap":
         return BitmapPositions().plan(idx, n)
     golomb = GolombPositions().plan(idx, n)
-    if wanted in ("gaps", "golomb"):
+    if wanted == "gaps":
         return golomb
     bitmap = BitmapPositions().plan(idx, n)
     return bitmap if bitmap.nbytes <= golomb.nbytes else golomb

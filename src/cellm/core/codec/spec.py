@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 VALUE_CHOICES = ("fp32", "fp16", "bf16", "int8", "int4", "int2")
 SCALED_VALUES = ("int8", "int4", "int2")  # block absmax scale + integer codes
-POSITION_CHOICES = ("auto", "bitmap", "gaps", "golomb")  # "golomb" is the gap code's own name for "gaps"
+POSITION_CHOICES = ("auto", "bitmap", "gaps")
 SCALE_CHOICES = ("fp32", "fp16")
 MAX_BLOCK_SIZE = 1 << 24
 MAX_ZSTD_LEVEL = 22
@@ -35,11 +35,11 @@ class CodecSpec:
             raise ValueError(f"CodecSpec.values must be one of {VALUE_CHOICES}, got {self.values!r}")
         if self.positions not in POSITION_CHOICES:
             raise ValueError(f"CodecSpec.positions must be one of {POSITION_CHOICES}, got {self.positions!r}")
-        if not _is_int(self.block_size) or not 1 <= self.block_size <= MAX_BLOCK_SIZE:
+        if not is_int(self.block_size) or not 1 <= self.block_size <= MAX_BLOCK_SIZE:
             raise ValueError(
                 f"CodecSpec.block_size must be an int in [1, {MAX_BLOCK_SIZE}], got {self.block_size!r}"
             )
-        if not _is_int(self.zstd_level) or not 0 <= self.zstd_level <= MAX_ZSTD_LEVEL:
+        if not is_int(self.zstd_level) or not 0 <= self.zstd_level <= MAX_ZSTD_LEVEL:
             raise ValueError(
                 f"CodecSpec.zstd_level must be an int in [0, {MAX_ZSTD_LEVEL}], got {self.zstd_level!r}"
             )
@@ -47,5 +47,6 @@ class CodecSpec:
             raise ValueError(f"CodecSpec.scales must be one of {SCALE_CHOICES}, got {self.scales!r}")
 
 
-def _is_int(x: object) -> bool:
+def is_int(x: object) -> bool:
+    """An int that is not a bool (True is an int to Python, not a size to the codec)."""
     return isinstance(x, int) and not isinstance(x, bool)

@@ -92,25 +92,6 @@ def make_node_keys(out: str | Path, name: str) -> tuple[Path, Path]:
     return priv, pub
 
 
-def write_connection(flwr_home: str | Path, name: str, address: str, root_certificates: str | Path | None) -> Path:
-    """Add ``[superlink.<name>]`` to ``$FLWR_HOME/config.toml`` (insecure when no CA certificate is given)."""
-    import tomllib
-
-    import tomli_w
-
-    path = Path(flwr_home) / "config.toml"
-    data = tomllib.loads(path.read_text()) if path.exists() else {}
-    conn: dict[str, object] = {"address": address}
-    if root_certificates is None:
-        conn["insecure"] = True
-    else:
-        conn["root-certificates"] = str(Path(root_certificates).absolute())
-    data.setdefault("superlink", {})[name] = conn
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(tomli_w.dumps(data))
-    return path
-
-
 def superlink_command(address: str, *, tls: TlsFiles | None = None, auth: bool = False,
                       database: str | Path | None = None) -> list[str]:
     """``flower-superlink`` on ``host:port`` (one port serves the Fleet, Control and Runtime APIs)."""
