@@ -7,6 +7,7 @@ wrong types and out-of-range values raise :class:`ConfigError` naming the field 
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -22,10 +23,16 @@ PRESET_DIR = Path(__file__).parent / "presets"
 VALUE_CODECS = ("fp32", "fp16", "bf16", "int8", "int4", "int2")
 
 
-def _f(default: Any, help: str, choices: tuple | None = None) -> Any:
-    meta = {"help": help}
+def _f(default: Any, help: str, choices: tuple | None = None, *, ge: float | None = None, gt: float | None = None,
+       le: float | None = None, lt: float | None = None) -> Any:
+    """A config field: its default, its help, and what values it admits (choices, or bounds checked by
+    :func:`validate` and shown by ``cellm config --fields``)."""
+    meta: dict[str, Any] = {"help": help}
     if choices is not None:
         meta["choices"] = choices
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    if bounds:
+        meta["bounds"] = bounds
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -34,9 +41,9 @@ def _f(default: Any, help: str, choices: tuple | None = None) -> Any:
 @dataclass
 class ModelConfig:
     name: str = _f("minilm-l6", "Registered model: minilm-l6, smollm2-135m, tiny-bert, tiny-llama.")
-    lora_rank: int = _f(8, "LoRA rank r (>= 1).")
-    lora_alpha: float = _f(16.0, "LoRA alpha; the adapter is scaled by alpha / r.")
-    lora_dropout: float = _f(0.0, "Dropout on the LoRA input, in [0, 1).")
+    lora_rank: int = _f(8, "LoRA rank r.", ge=1)
+    lora_alpha: float = _f(16.0, "LoRA alpha; the adapter is scaled by alpha / r.", gt=0)
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA input.", ge=0, lt=1)
     target_modules: list[str] = _f([], "Module names that get LoRA; empty = the model's default (query/value, q_proj/v_proj).")
     freeze_a: bool = _f(False, "FFA-LoRA: the A matrices stay at their (seeded) initialisation, never trained nor sent.")
 
@@ -44,58 +51,58 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     name: str = _f("bbc", "Dataset: bbc (classification), shakespeare or chitchat (next-token prediction).")
-    num_clients: int = _f(50, "Number of federated clients.")
-    seq_len: int = _f(64, "Tokens per example (truncate / pad / chunk).")
-    min_client_size: int = _f(8, "Fewest examples (sequences) a client may hold.")
-    dirichlet_alpha: float = _f(0.5, "Label skew of the Dirichlet split (bbc): smaller is more non-IID.")
-    test_fraction: float = _f(0.2, "Held-out share of examples (bbc; stratified).")
-    max_test_examples: int = _f(0, "Cap on held-out examples used for evaluation; 0 = all.")
+    num_clients: int = _f(50, "Number of federated clients.", ge=1)
+    seq_len: int = _f(64, "Tokens per example (truncate / pad / chunk).", ge=8)
+    min_client_size: int = _f(8, "Fewest examples (sequences) a client may hold.", ge=1)
+    dirichlet_alpha: float = _f(0.5, "Label skew of the Dirichlet split (bbc): smaller is more non-IID.", gt=0)
+    test_fraction: float = _f(0.2, "Held-out share of examples (bbc; stratified).", gt=0, lt=1)
+    max_test_examples: int = _f(0, "Cap on held-out examples used for evaluation; 0 = all.", ge=0)
     cache_dir: str = _f(".cellm-cache", "Where tokenized data is cached; empty string = no cache.")
 
 
 @dataclass
 class FLConfig:
-    clients_per_round: int = _f(5, "Distinct clients sampled uniformly each round.")
-    local_steps: int = _f(5, "Local optimizer steps per client per round (used when local_epochs = 0).")
-    local_epochs: int = _f(0, "Local epochs per client per round; 0 = use local_steps.")
-    batch_size: int = _f(16, "Local batch size.")
-    eval_every: int = _f(5, "Evaluate every this many rounds (and after the last round, and at round 0).")
+    clients_per_round: int = _f(5, "Distinct clients sampled uniformly each round.", ge=1)
+    local_steps: int = _f(5, "Local optimizer steps per client per round (used when local_epochs = 0).", ge=1)
+    local_epochs: int = _f(0, "Local epochs per client per round; 0 = use local_steps.", ge=0)
+    batch_size: int = _f(16, "Local batch size.", ge=1)
+    eval_every: int = _f(5, "Evaluate every this many rounds (and after the last round, and at round 0).", ge=1)
     aggregation: str = _f("mean", "How uploads are combined: mean (FLASC) or weighted (by example count).", ("mean", "weighted"))
 
 
 @dataclass
 class ClientConfig:
     optimizer: str = _f("sgd", "Local optimizer, fresh each round.", ("sgd", "adamw"))
-    lr: float = _f(0.1, "Local learning rate.")
-    momentum: float = _f(0.9, "SGD momentum.")
-    weight_decay: float = _f(0.0, "Local weight decay.")
-    max_grad_norm: float = _f(0.0, "Clip local gradients to this L2 norm; 0 = off.")
+    lr: float = _f(0.1, "Local learning rate.", gt=0)
+    momentum: float = _f(0.9, "SGD momentum.", ge=0, lt=1)
+    weight_decay: float = _f(0.0, "Local weight decay.", ge=0)
+    max_grad_norm: float = _f(0.0, "Clip local gradients to this L2 norm; 0 = off.", ge=0)
 
 
 @dataclass
 class ServerConfig:
     optimizer: str = _f("adamw", "Server optimizer stepped with the mean delta as gradient.", ("adamw", "adam", "sgd"))
-    lr: float = _f(1e-2, "Server learning rate (sgd with lr 1 and momentum 0 is plain FedAvg).")
-    momentum: float = _f(0.0, "Server SGD momentum.")
-    beta1: float = _f(0.9, "Adam/AdamW beta1.")
-    beta2: float = _f(0.999, "Adam/AdamW beta2.")
-    eps: float = _f(1e-8, "Adam/AdamW epsilon.")
-    weight_decay: float = _f(0.0, "Server weight decay.")
+    lr: float = _f(1e-2, "Server learning rate (sgd with lr 1 and momentum 0 is plain FedAvg).", gt=0)
+    momentum: float = _f(0.0, "Server SGD momentum.", ge=0, lt=1)
+    beta1: float = _f(0.9, "Adam/AdamW beta1.", ge=0, lt=1)
+    beta2: float = _f(0.999, "Adam/AdamW beta2.", ge=0, lt=1)
+    eps: float = _f(1e-8, "Adam/AdamW epsilon.", gt=0)
+    weight_decay: float = _f(0.0, "Server weight decay.", ge=0)
 
 
 @dataclass
 class CommConfig:
-    down_density: float = _f(1.0, "Share of adapter entries sent server -> client (top-k of |w|), in (0, 1].")
-    up_density: float = _f(1.0, "Share of delta entries sent client -> server (top-k of |delta|), in (0, 1].")
-    down_decay: float = _f(1.0, "Download density multiplier every decay_every rounds, in (0, 1].")
-    up_decay: float = _f(1.0, "Upload density multiplier every decay_every rounds, in (0, 1].")
-    decay_every: int = _f(1, "Rounds between density decays.")
-    freeze_mask_after: int = _f(0, "Compute the download mask once after this many rounds and keep it (pruned LoRA); 0 = recompute every round.")
+    down_density: float = _f(1.0, "Share of adapter entries sent server -> client (top-k of |w|, or of |w - w0| with init_relative).", gt=0, le=1)
+    up_density: float = _f(1.0, "Share of delta entries sent client -> server (top-k of |delta|).", gt=0, le=1)
+    down_decay: float = _f(1.0, "Download density multiplier every decay_every rounds.", gt=0, le=1)
+    up_decay: float = _f(1.0, "Upload density multiplier every decay_every rounds.", gt=0, le=1)
+    decay_every: int = _f(1, "Rounds between density decays.", ge=1)
+    freeze_mask_after: int = _f(0, "Compute the download mask once after this many rounds and keep it (pruned LoRA); 0 = recompute every round.", ge=0)
     client_freeze: bool = _f(False, "Clients train and upload only on the download support (gradients multiplied by the mask).")
     codec_down: str = _f("fp32", "Value coding of downloads: fp32, fp16, bf16, or int8 / int4 / int2 (ternary) with a block absmax scale.", VALUE_CODECS)
     codec_up: str = _f("fp32", "Value coding of uploads: as codec_down.", VALUE_CODECS)
-    int8_block: int = _f(256, "Values per scale block of the int8, int4 and int2 codecs.")
-    zstd_level: int = _f(0, "zstd level applied on top of each message; 0 = off.")
+    int8_block: int = _f(256, "Values per scale block of the int8, int4 and int2 codecs.", ge=1)
+    zstd_level: int = _f(0, "zstd level applied on top of each message; 0 = off.", ge=0, le=22)
     positions: str = _f("auto", "Position coding: auto (cheapest per message), bitmap or gaps.", ("auto", "bitmap", "gaps"))
     error_feedback_up: bool = _f(False, "Clients keep what top-k and quantization dropped and add it to their next upload.")
     init_relative: bool = _f(False, "Downloads carry the top-k of w - w0, where w0 is the seeded initial adapter (LoRA A's init, B = 0, the head's init) that every client regenerates from the config and never receives; clients start from w0 + M * (w - w0). FLASC (false) sends the top-k of w itself, which spends its first rounds on A's random init.")
@@ -104,44 +111,44 @@ class CommConfig:
 
 @dataclass
 class EvalConfig:
-    batch_size: int = _f(64, "Evaluation batch size.")
+    batch_size: int = _f(64, "Evaluation batch size.", ge=1)
 
 
 @dataclass
 class FaultsConfig:
-    failure_prob: float = _f(0.0, "Probability that a sampled client drops out of a round (no upload), in [0, 1).")
-    deadline_s: float = _f(0.0, "Round deadline in seconds; uploads later than this are not aggregated; 0 = none.")
-    client_time_s: float = _f(10.0, "Embedded runtime: median simulated duration of a client's round (for the deadline).")
-    time_sigma: float = _f(0.5, "Embedded runtime: lognormal spread of simulated client durations.")
+    failure_prob: float = _f(0.0, "Probability that a sampled client drops out of a round (no upload).", ge=0, lt=1)
+    deadline_s: float = _f(0.0, "Round deadline in seconds; uploads later than this are not aggregated; 0 = none.", ge=0)
+    client_time_s: float = _f(10.0, "Embedded runtime: median simulated duration of a client's round (for the deadline).", gt=0)
+    time_sigma: float = _f(0.5, "Embedded runtime: lognormal spread of simulated client durations.", ge=0)
     norm_factor: float = _f(0.0, "Reject an upload whose L2 norm exceeds this times the round's median norm; 0 = off.")
 
 
 @dataclass
 class DPConfig:
-    noise_multiplier: float = _f(0.0, "Gaussian noise z (std z in units of clip_norm, per coordinate); 0 = no DP.")
-    clip_norm: float = _f(1.0, "Per-client L2 clipping norm C of the sparse delta.")
-    delta: float = _f(1e-5, "The delta of (epsilon, delta)-DP reported by the accountant.")
+    noise_multiplier: float = _f(0.0, "Gaussian noise z (std z in units of clip_norm, per coordinate); 0 = no DP.", ge=0)
+    clip_norm: float = _f(1.0, "Per-client L2 clipping norm C of the sparse delta.", gt=0)
+    delta: float = _f(1e-5, "The delta of (epsilon, delta)-DP reported by the accountant.", gt=0, lt=1)
 
 
 @dataclass
 class HeteroConfig:
     mode: str = _f("none", "Client tiers: none; density (tier i sends at density d * 4^-(T-1-i)); rank (trains and sends only the first r * 4^-(T-1-i) ranks).", ("none", "density", "rank"))
-    num_tiers: int = _f(3, "Number of tiers; client c is in tier c % num_tiers.")
+    num_tiers: int = _f(3, "Number of tiers; client c is in tier c % num_tiers.", ge=1)
 
 
 @dataclass
 class RunConfig:
-    checkpoint_every: int = _f(1, "Write the whole server and client state to the run folder every this many rounds; 0 = never.")
+    checkpoint_every: int = _f(1, "Write the whole server and client state to the run folder every this many rounds; 0 = never.", ge=0)
     threads: int = _f(0, "Torch CPU threads for every computation of the run (the sum order of a matmul depends on it, so "
                          "results are bit-identical only at the same count). 0 = decided at start: OMP_NUM_THREADS if "
                          "set, else torch's default; the run folder's config.toml records the number, and a resume, "
-                         "Flower workers and ClientApps use it whatever their environment says.")
+                         "Flower workers and ClientApps use it whatever their environment says.", ge=0)
 
 
 @dataclass
 class CellmConfig:
-    seed: int = _f(0, "Seed of everything: adapter init, client sampling, batches, dropout.")
-    rounds: int = _f(30, "Federated rounds.")
+    seed: int = _f(0, "Seed of everything: adapter init, client sampling, batches, dropout.", ge=0)
+    rounds: int = _f(30, "Federated rounds.", ge=1)
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Model and LoRA."})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Dataset and federated split."})
     fl: FLConfig = field(default_factory=FLConfig, metadata={"help": "Rounds, sampling, local work, aggregation."})
@@ -293,87 +300,56 @@ def _check(ok: bool, field_name: str, msg: str) -> None:
         raise ConfigError(f"config field '{field_name}' {msg}")
 
 
-def _check_choices(cfg: Any, prefix: str) -> None:
+def _bounds_text(bounds: dict[str, float]) -> str:
+    lo = f"[{bounds['ge']:g}" if "ge" in bounds else (f"({bounds['gt']:g}" if "gt" in bounds else None)
+    hi = f"{bounds['le']:g}]" if "le" in bounds else (f"{bounds['lt']:g})" if "lt" in bounds else None)
+    if lo and hi:
+        return f"in {lo}, {hi}"
+    if lo:
+        return f">= {bounds['ge']:g}" if "ge" in bounds else f"> {bounds['gt']:g}"
+    return f"<= {bounds['le']:g}" if "le" in bounds else f"< {bounds['lt']:g}"
+
+
+def _within(value: float, bounds: dict[str, float]) -> bool:
+    return (value >= bounds.get("ge", -math.inf) and value > bounds.get("gt", -math.inf)
+            and value <= bounds.get("le", math.inf) and value < bounds.get("lt", math.inf))
+
+
+def _check_declared(cfg: Any, prefix: str) -> None:
+    """Every field's declared choices and bounds (the field metadata): each rule in one place."""
     for f in fields(cfg):
         value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
-            _check_choices(value, f"{prefix}{f.name}.")
+            _check_declared(value, f"{prefix}{f.name}.")
         elif "choices" in f.metadata:
             choices = f.metadata["choices"]
             _check(value in choices, prefix + f.name, f"must be one of {', '.join(choices)}; got {value!r}")
+        elif "bounds" in f.metadata:
+            b = f.metadata["bounds"]
+            _check(_within(value, b), prefix + f.name, f"must be {_bounds_text(b)}; got {value!r}")
 
 
 def validate(cfg: CellmConfig) -> None:
-    """Range checks that need no assets. Raises ConfigError naming the field."""
-
-    _check_choices(cfg, "")
-    _check(cfg.rounds >= 1, "rounds", f"must be >= 1; got {cfg.rounds}")
-    _check(cfg.seed >= 0, "seed", f"must be >= 0; got {cfg.seed}")
-    m = cfg.model
+    """Declared choices and bounds, then the rules that tie fields together. Raises ConfigError naming the field."""
+    _check_declared(cfg, "")
+    m, d, f = cfg.model, cfg.data, cfg.fl
     _check(m.name in MODELS, "model.name", f"must be one of {', '.join(MODELS)}; got {m.name!r}")
-    _check(m.lora_rank >= 1, "model.lora_rank", f"must be >= 1; got {m.lora_rank}")
-    _check(m.lora_alpha > 0, "model.lora_alpha", f"must be > 0; got {m.lora_alpha}")
-    _check(0.0 <= m.lora_dropout < 1.0, "model.lora_dropout", f"must be in [0, 1); got {m.lora_dropout}")
-    d = cfg.data
     _check(d.name in DATASETS, "data.name", f"must be one of {', '.join(DATASETS)}; got {d.name!r}")
-    _check(d.num_clients >= 1, "data.num_clients", f"must be >= 1; got {d.num_clients}")
-    _check(d.seq_len >= 8, "data.seq_len", f"must be >= 8; got {d.seq_len}")
-    _check(d.min_client_size >= 1, "data.min_client_size", f"must be >= 1; got {d.min_client_size}")
-    _check(d.dirichlet_alpha > 0, "data.dirichlet_alpha", f"must be > 0; got {d.dirichlet_alpha}")
-    _check(0.0 < d.test_fraction < 1.0, "data.test_fraction", f"must be in (0, 1); got {d.test_fraction}")
-    _check(d.max_test_examples >= 0, "data.max_test_examples", f"must be >= 0; got {d.max_test_examples}")
     task = MODELS[m.name].task
     want = TASKS[d.name][0]
     _check(task == want, "data.name",
            f"'{d.name}' is a {want} dataset but model '{m.name}' is a {task} model; pick a matching pair")
-    f = cfg.fl
-    _check(f.clients_per_round >= 1, "fl.clients_per_round", f"must be >= 1; got {f.clients_per_round}")
     _check(f.clients_per_round <= d.num_clients, "fl.clients_per_round",
            f"({f.clients_per_round}) must not exceed data.num_clients ({d.num_clients})")
-    _check(f.local_steps >= 1, "fl.local_steps", f"must be >= 1; got {f.local_steps}")
-    _check(f.local_epochs >= 0, "fl.local_epochs", f"must be >= 0; got {f.local_epochs}")
-    _check(f.batch_size >= 1, "fl.batch_size", f"must be >= 1; got {f.batch_size}")
-    _check(f.eval_every >= 1, "fl.eval_every", f"must be >= 1; got {f.eval_every}")
-    c = cfg.client
-    _check(c.lr > 0, "client.lr", f"must be > 0; got {c.lr}")
-    _check(0.0 <= c.momentum < 1.0, "client.momentum", f"must be in [0, 1); got {c.momentum}")
-    _check(c.weight_decay >= 0, "client.weight_decay", f"must be >= 0; got {c.weight_decay}")
-    _check(c.max_grad_norm >= 0, "client.max_grad_norm", f"must be >= 0; got {c.max_grad_norm}")
-    s = cfg.server
-    _check(s.lr > 0, "server.lr", f"must be > 0; got {s.lr}")
-    _check(0.0 <= s.momentum < 1.0, "server.momentum", f"must be in [0, 1); got {s.momentum}")
-    _check(0.0 <= s.beta1 < 1.0, "server.beta1", f"must be in [0, 1); got {s.beta1}")
-    _check(0.0 <= s.beta2 < 1.0, "server.beta2", f"must be in [0, 1); got {s.beta2}")
-    _check(s.eps > 0, "server.eps", f"must be > 0; got {s.eps}")
-    _check(s.weight_decay >= 0, "server.weight_decay", f"must be >= 0; got {s.weight_decay}")
-    comm = cfg.comm
-    for name in ("down_density", "up_density", "down_decay", "up_decay"):
-        v = getattr(comm, name)
-        _check(0.0 < v <= 1.0, f"comm.{name}", f"must be in (0, 1]; got {v}")
-    _check(comm.decay_every >= 1, "comm.decay_every", f"must be >= 1; got {comm.decay_every}")
-    _check(comm.freeze_mask_after >= 0, "comm.freeze_mask_after", f"must be >= 0; got {comm.freeze_mask_after}")
-    _check(comm.int8_block >= 1, "comm.int8_block", f"must be >= 1; got {comm.int8_block}")
-    _check(0 <= comm.zstd_level <= 22, "comm.zstd_level", f"must be in [0, 22]; got {comm.zstd_level}")
-    _check(cfg.run.threads >= 0, "run.threads", f"must be >= 0 (0 = decide at start); got {cfg.run.threads}")
-    _check(cfg.run.checkpoint_every >= 0, "run.checkpoint_every", f"must be >= 0; got {cfg.run.checkpoint_every}")
     fa = cfg.faults
-    _check(0.0 <= fa.failure_prob < 1.0, "faults.failure_prob", f"must be in [0, 1); got {fa.failure_prob}")
-    _check(fa.deadline_s >= 0, "faults.deadline_s", f"must be >= 0; got {fa.deadline_s}")
-    _check(fa.client_time_s > 0, "faults.client_time_s", f"must be > 0; got {fa.client_time_s}")
-    _check(fa.time_sigma >= 0, "faults.time_sigma", f"must be >= 0; got {fa.time_sigma}")
     _check(fa.norm_factor == 0 or fa.norm_factor >= 1, "faults.norm_factor",
            f"must be 0 (off) or >= 1; got {fa.norm_factor}")
-    dp = cfg.dp
-    _check(dp.noise_multiplier >= 0, "dp.noise_multiplier", f"must be >= 0; got {dp.noise_multiplier}")
-    _check(dp.clip_norm > 0, "dp.clip_norm", f"must be > 0; got {dp.clip_norm}")
-    _check(0 < dp.delta < 1, "dp.delta", f"must be in (0, 1); got {dp.delta}")
     h = cfg.hetero
-    _check(h.num_tiers >= 1, "hetero.num_tiers", f"must be >= 1; got {h.num_tiers}")
     if h.mode == "rank":
         _check(m.lora_rank >= 4 ** (h.num_tiers - 1), "hetero.num_tiers",
                f"needs model.lora_rank >= 4^(num_tiers-1) = {4 ** (h.num_tiers - 1)}; got rank {m.lora_rank}")
-        _check(comm.download_mode == "weights", "comm.download_mode", "must be 'weights' with hetero.mode = 'rank'")
-    _check(cfg.eval.batch_size >= 1, "eval.batch_size", f"must be >= 1; got {cfg.eval.batch_size}")
+        _check(cfg.comm.download_mode == "weights", "comm.download_mode",
+               "must be 'weights' with hetero.mode = 'rank'")
 
 
 def describe_fields(cls: type = CellmConfig, prefix: str = "") -> list[tuple[str, str, str]]:
@@ -385,5 +361,10 @@ def describe_fields(cls: type = CellmConfig, prefix: str = "") -> list[tuple[str
         if dataclasses.is_dataclass(value):
             rows.extend(describe_fields(type(value), f"{prefix}{f.name}."))
         else:
-            rows.append((prefix + f.name, repr(value), f.metadata.get("help", "")))
+            help_ = f.metadata.get("help", "")
+            if "choices" in f.metadata:
+                help_ += f" [one of {', '.join(f.metadata['choices'])}]"
+            elif "bounds" in f.metadata:
+                help_ += f" [{_bounds_text(f.metadata['bounds'])}]"
+            rows.append((prefix + f.name, repr(value), help_))
     return rows
