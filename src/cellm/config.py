@@ -15,7 +15,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import tomli_w
 
-from cellm.data import DATASETS, TASKS
+from cellm.data import DATASETS
 from cellm.errors import ConfigError
 from cellm.models.registry import MODELS
 
@@ -336,7 +336,7 @@ def validate(cfg: CellmConfig) -> None:
     _check(m.name in MODELS, "model.name", f"must be one of {', '.join(MODELS)}; got {m.name!r}")
     _check(d.name in DATASETS, "data.name", f"must be one of {', '.join(DATASETS)}; got {d.name!r}")
     task = MODELS[m.name].task
-    want = TASKS[d.name][0]
+    want = DATASETS[d.name].task
     _check(task == want, "data.name",
            f"'{d.name}' is a {want} dataset but model '{m.name}' is a {task} model; pick a matching pair")
     _check(f.clients_per_round <= d.num_clients, "fl.clients_per_round",

@@ -251,12 +251,14 @@ def test_a_missing_dataset_package_raises_asset_error_naming_the_package_and_the
 def test_an_unknown_dataset_name_raises_config_error_naming_data_name_and_the_choices():
     with pytest.raises(ConfigError, match=r"data\.name.*bbc, shakespeare, chitchat.*'mnist'"):
         load_federated("mnist", RaisingTokenizer(), "x", num_clients=2, seq_len=SEQ_LEN, min_client_size=1)
-    assert DATASETS == ("bbc", "shakespeare", "chitchat")
+    assert tuple(DATASETS) == ("bbc", "shakespeare", "chitchat")
 
 
-def test_out_of_range_settings_raise_config_errors_naming_the_field():
+def test_out_of_range_data_settings_raise_config_errors_naming_the_field():
+    """The data layer trusts a validated config: the ranges are the config's, checked once at load."""
+    import cellm
+
     with pytest.raises(ConfigError, match=r"data\.num_clients"):
-        load_federated("bbc", RaisingTokenizer(), "x", num_clients=0, seq_len=SEQ_LEN, min_client_size=1)
-    with pytest.raises(ValueError, match=r"data\.test_fraction"):
-        load_federated("bbc", RaisingTokenizer(), "x", num_clients=2, seq_len=SEQ_LEN, min_client_size=1,
-                       test_fraction=1.0)
+        cellm.load_config(preset="tiny", overrides=["data.num_clients=0"])
+    with pytest.raises(ConfigError, match=r"data\.test_fraction"):
+        cellm.load_config(preset="tiny", overrides=["data.test_fraction=1.0"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,12 +22,31 @@ from cellm.data.shakespeare import load_shakespeare
 from cellm.data.types import FederatedData, Split
 from cellm.errors import ConfigError
 
-DATASETS = ("bbc", "shakespeare", "chitchat")
-# (task, number of classes): what a model must be to train on each dataset, known before anything is loaded
-TASKS: dict[str, tuple[str, int | None]] = {
-    "bbc": ("classification", 5), "shakespeare": ("causal_lm", None), "chitchat": ("causal_lm", None)}
 
-__all__ = ["DATASETS", "TASKS", "DataConfigError", "FederatedData", "Split", "load_federated"]
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A packaged dataset: what a model must be to train on it (known before anything is loaded) and its loader."""
+
+    task: str  # "classification" or "causal_lm"
+    num_labels: int | None  # a classifier's head size; None for language modelling
+    loader: Callable[..., FederatedData]
+
+
+def _lm(loader: Callable[..., FederatedData]) -> Callable[..., FederatedData]:
+    def load(tokenizer: Any, *, dirichlet_alpha: float, test_fraction: float, **kw: Any) -> FederatedData:
+        del dirichlet_alpha, test_fraction  # bbc-only settings
+        return loader(tokenizer, **kw)
+
+    return load
+
+
+DATASETS: dict[str, DatasetSpec] = {  # the one registry of datasets, as MODELS is of models
+    "bbc": DatasetSpec("classification", 5, load_bbc),
+    "shakespeare": DatasetSpec("causal_lm", None, _lm(load_shakespeare)),
+    "chitchat": DatasetSpec("causal_lm", None, _lm(load_chitchat)),
+}
+
+__all__ = ["DATASETS", "DataConfigError", "DatasetSpec", "FederatedData", "Split", "load_federated"]
 
 
 def load_federated(
@@ -49,17 +69,11 @@ def load_federated(
     cache key (it must change whenever the tokenizer does). ``dirichlet_alpha`` and ``test_fraction`` apply
     to bbc only; the language-modelling datasets hold out a fixed share of speakers/senders instead.
     ``max_test_examples`` (None or 0: no cap) keeps a seed-determined subset of the test split.
-    ``cache_dir`` None disables the on-disk cache.
+    ``cache_dir`` None disables the on-disk cache. The settings' ranges are the config's
+    (:func:`cellm.config.validate`); they are not checked again here.
     """
     if name not in DATASETS:
         raise ConfigError(f"config field 'data.name' must be one of {', '.join(DATASETS)}; got {name!r}")
-    _check(num_clients >= 1, "data.num_clients", f"must be >= 1; got {num_clients}")
-    _check(seq_len >= 2, "data.seq_len", f"must be >= 2; got {seq_len}")
-    _check(min_client_size >= 1, "data.min_client_size", f"must be >= 1; got {min_client_size}")
-    _check(dirichlet_alpha > 0, "data.dirichlet_alpha", f"must be > 0; got {dirichlet_alpha}")
-    _check(0.0 < test_fraction < 1.0, "data.test_fraction", f"must be in (0, 1); got {test_fraction}")
-    _check(max_test_examples is None or max_test_examples >= 0, "data.max_test_examples",
-           f"must be >= 0; got {max_test_examples}")
     cap = max_test_examples or None
     bbc = name == "bbc"
     fields = {  # everything that changes the result; bbc-only settings are None elsewhere (no needless misses)
@@ -75,9 +89,9 @@ def load_federated(
     }
 
     def build() -> FederatedData:
-        data = _LOADERS[name](tokenizer, num_clients=num_clients, seq_len=seq_len,
-                              min_client_size=min_client_size, dirichlet_alpha=dirichlet_alpha,
-                              test_fraction=test_fraction, seed=seed)
+        data = DATASETS[name].loader(tokenizer, num_clients=num_clients, seq_len=seq_len,
+                                     min_client_size=min_client_size, dirichlet_alpha=dirichlet_alpha,
+                                     test_fraction=test_fraction, seed=seed)
         # Separate stream from the split's, so capping never changes which examples the clients get.
         keep = subsample(len(data.test), cap, np.random.default_rng([seed, 1]))
         if len(keep) < len(data.test):
@@ -85,23 +99,3 @@ def load_federated(
         return data
 
     return load_or_build(cache_dir, name, fields, build)
-
-
-def _check(ok: bool, field: str, msg: str) -> None:
-    if not ok:
-        raise DataConfigError(f"config field '{field}' {msg}")
-
-
-def _lm(loader: Callable[..., FederatedData]) -> Callable[..., FederatedData]:
-    def load(tokenizer: Any, *, dirichlet_alpha: float, test_fraction: float, **kw: Any) -> FederatedData:
-        del dirichlet_alpha, test_fraction  # bbc-only settings
-        return loader(tokenizer, **kw)
-
-    return load
-
-
-_LOADERS: dict[str, Callable[..., FederatedData]] = {
-    "bbc": load_bbc,
-    "shakespeare": _lm(load_shakespeare),
-    "chitchat": _lm(load_chitchat),
-}

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from cellm.config import CellmConfig
-from cellm.data import TASKS, load_federated
+from cellm.data import DATASETS, load_federated
 from cellm.data.types import FederatedData
 from cellm.models.flat import FlatView
 from cellm.models.registry import MODELS, LoadedModel, load_model
@@ -26,7 +26,7 @@ class Setup:
 def load_setup(cfg: CellmConfig) -> Setup:
     spec = MODELS[cfg.model.name]
     m, d = cfg.model, cfg.data
-    num_labels = TASKS[d.name][1]  # a classifier's head is sized by the dataset
+    num_labels = DATASETS[d.name].num_labels  # a classifier's head is sized by the dataset
     lm = load_model(m.name, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
                     target_modules=m.target_modules, num_labels=num_labels, seed=cfg.seed, freeze_a=m.freeze_a)
     data = load_federated(
