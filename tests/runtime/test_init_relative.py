@@ -50,7 +50,7 @@ def test_a_client_whose_w0_differs_refuses_the_task(cfg, setup):
     wrong[0] += 1e-6
     for w0 in (wrong, None):
         with pytest.raises(InitMismatchError, match="initial adapter"):
-            client_update(setup.lm.model, setup.flat, setup.data.clients[c], plan.tasks[c], train_spec(cfg),
+            client_update(setup.loaded.model, setup.flat, setup.data.clients[c], plan.tasks[c], train_spec(cfg),
                           ClientState(), seed=cfg.seed, w0=w0)
 
 
@@ -61,7 +61,7 @@ def test_round_one_downloads_nothing_but_starts_clients_from_w0(cfg, setup, monk
     assert torch.equal(masked_weights(state, cfg, 1), setup.w0)
     for c in plan.clients:
         assert decode(plan.tasks[c].download, max_n=setup.flat.numel).k == 0
-        client_update(setup.lm.model, setup.flat, setup.data.clients[c], plan.tasks[c], train_spec(cfg),
+        client_update(setup.loaded.model, setup.flat, setup.data.clients[c], plan.tasks[c], train_spec(cfg),
                       ClientState(), seed=cfg.seed, w0=setup.w0)
         assert torch.equal(seen[c][0], setup.w0)
     assert state.ledger.round_totals(1)["down_nonzeros"] == 0
@@ -79,7 +79,7 @@ def test_clients_start_from_w0_plus_the_masked_difference(cfg, setup, monkeypatc
     assert torch.equal(masked_weights(state, cfg, 5), expected)
     plan = plan_round(state, cfg)
     c = plan.clients[0]
-    client_update(setup.lm.model, setup.flat, setup.data.clients[c], plan.tasks[c], train_spec(cfg),
+    client_update(setup.loaded.model, setup.flat, setup.data.clients[c], plan.tasks[c], train_spec(cfg),
                   ClientState(), seed=cfg.seed, w0=w0)
     assert torch.allclose(seen[c][0], expected, rtol=0, atol=1e-6)  # w0 + (w - w0) rounds once in float32
     assert torch.equal(seen[c][0] != w0, mask)
@@ -104,7 +104,7 @@ def test_pruned_lora_trains_b_after_its_dense_round(cache_dir):
     plan = plan_round(state, cfg)
     c = plan.clients[0]
     assert not plan.tasks[c].download_masked  # the dense round: nothing is frozen yet
-    reply, _ = client_update(setup.lm.model, setup.flat, setup.data.clients[c], plan.tasks[c], train_spec(cfg),
+    reply, _ = client_update(setup.loaded.model, setup.flat, setup.data.clients[c], plan.tasks[c], train_spec(cfg),
                              ClientState(), seed=cfg.seed, w0=setup.w0)
     up = decode(reply.payload, max_n=setup.flat.numel).to_dense()
     b = torch.zeros(setup.flat.numel, dtype=torch.bool)
@@ -127,6 +127,6 @@ def test_pruned_lora_clients_train_only_on_the_frozen_mask(cache_dir, monkeypatc
     plan = plan_round(state, cfg)
     c = plan.clients[0]
     assert plan.tasks[c].download_masked
-    client_update(setup.lm.model, setup.flat, setup.data.clients[c], plan.tasks[c], train_spec(cfg),
+    client_update(setup.loaded.model, setup.flat, setup.data.clients[c], plan.tasks[c], train_spec(cfg),
                   ClientState(), seed=cfg.seed, w0=setup.w0)
     assert torch.equal(seen[c][1], state.frozen_mask)  # M itself, zeros of w inside it included

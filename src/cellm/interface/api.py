@@ -53,7 +53,7 @@ def run(config: CellmConfig | dict | str | Path | None = None, out: str | Path |
 
 def _execute(cfg: CellmConfig, setup: Setup, out_dir: Path | None, progress: bool,
              checkpoint: dict[str, Any] | None = None) -> RunResult:
-    metric, _ = primary_metric(setup.lm.task)
+    metric, _ = primary_metric(setup.loaded.task)
     rec = RunRecorder(cfg, out_dir, metric, progress)
     sim = Simulator(cfg, setup)
     state = None

@@ -114,11 +114,11 @@ class RunRecorder:
         self.close()
         cfg = self.cfg
         setup.flat.set(model_weights(state, cfg, state.round + 1))
-        adapter = {k: v.detach().clone() for k, v in get_peft_model_state_dict(setup.lm.model).items()}
+        adapter = {k: v.detach().clone() for k, v in get_peft_model_state_dict(setup.loaded.model).items()}
         result = RunResult(cfg, self.out_dir, state.metrics, adapter, state.ledger.totals(), self.metric,
                            time.perf_counter() - self.t0)
         if self.out_dir is not None:
-            setup.lm.model.save_pretrained(str(self.out_dir / rf.ADAPTER))
+            setup.loaded.model.save_pretrained(str(self.out_dir / rf.ADAPTER))
             rf.write_metrics(self.out_dir, state.metrics)
             rf.atomic_write_text(self.out_dir / rf.SUMMARY, json.dumps(summary(result), indent=2, sort_keys=True))
             label = f"{cfg.model.name} d_down={cfg.comm.down_density:g} d_up={cfg.comm.up_density:g}"

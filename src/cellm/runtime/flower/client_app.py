@@ -111,7 +111,7 @@ def train(msg: Message, context: Context) -> Message:
         raise P.ProtocolError(f"this node serves cellm clients {served}, not client {task.client}")
     key = P.state_key(task.client)
     st = P.read_state(context.state.array_records.get(key))
-    reply, new_state = client_update(setup_.lm.model, setup_.flat, setup_.data.clients[task.client], task,
+    reply, new_state = client_update(setup_.loaded.model, setup_.flat, setup_.data.clients[task.client], task,
                                      train_spec(cfg), st, seed=cfg.seed, w0=setup_.w0)
     if new_state.residual is not None or new_state.copy is not None:  # as the embedded Simulator keeps it
         context.state[key] = P.state_record(new_state)

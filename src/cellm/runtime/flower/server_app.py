@@ -204,7 +204,7 @@ def run_server(grid: Grid, cfg: CellmConfig, out: str | Path | None, options: Dr
         with new_run_folder(out_dir, cfg):
             if out_dir is not None:
                 log.info("run folder: %s", out_dir.resolve())
-            metric, _ = primary_metric(setup.lm.task)
+            metric, _ = primary_metric(setup.loaded.task)
             rec = RunRecorder(cfg, out_dir, metric, options.progress)
 
             def on_round(state: ServerState, row: dict[str, Any]) -> None:
