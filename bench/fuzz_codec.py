@@ -4,7 +4,7 @@ Run:  .venv/bin/python bench/fuzz_codec.py 100000
 Quick check:  .venv/bin/python bench/fuzz_codec.py 5000
 
 Each case (seed = case number + --seed) encodes a random small vector with a random spec, applies one mutation
-from cellm.core.codec.fuzz.MUTATIONS (truncation, bit flips, insertions, deletions, trailing bytes, crafted
+from tests/core/codec_fuzzing.py's MUTATIONS (truncation, bit flips, insertions, deletions, trailing bytes, crafted
 header fields and huge sizes, NaN/Inf/out-of-range values and scrambled positions behind a correct CRC, zstd
 bombs and bad frames, garbage), and decodes it with max_n = 2**20. Reports how many cases decoded OK, raised
 CodecError, or failed -- raised any other exception, hit the last-resort internal guard, or returned a malformed
@@ -19,8 +19,10 @@ import collections
 import resource
 import sys
 import time
+from pathlib import Path
 
-from cellm.core.codec.fuzz import fuzz_case
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "core"))  # the fuzz harness lives with its tests
+from codec_fuzzing import fuzz_case  # noqa: E402
 
 FAILURES = ("other", "internal", "invalid")
 

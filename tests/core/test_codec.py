@@ -5,12 +5,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from codec_fuzzing import craft, reseal, split
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cellm.core.codec import CodecError, CodecSpec, bound_bits, decode, encode, roundtrip
 from cellm.core.codec import header as hdr
-from cellm.core.codec.fuzz import craft, reseal, split
 from cellm.core.sparse import SparseVector
 
 F32_MAX = float(np.finfo(np.float32).max)

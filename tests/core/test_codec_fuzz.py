@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 import zstandard
+from codec_fuzzing import MUTATIONS, check_decode, craft, fuzz_case, reseal, split
 
 from cellm.core.codec import CodecError, CodecSpec, decode, encode
 from cellm.core.codec import header as hdr
 from cellm.core.codec import positions as pos_mod
 from cellm.core.codec.errors import CodecInternalError
-from cellm.core.codec.fuzz import MUTATIONS, check_decode, craft, fuzz_case, reseal, split
 from cellm.core.sparse import SparseVector
 
 
