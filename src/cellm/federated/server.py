@@ -116,6 +116,11 @@ def reference(state: ServerState, cfg: CellmConfig, support: torch.Tensor | None
     return state.w0.clone() if support is None else torch.where(support, state.w0, torch.zeros_like(state.w0))
 
 
+def relative_weights(state: ServerState, cfg: CellmConfig) -> torch.Tensor:
+    """w - ref: what the download's top-k ranks (w itself for FLASC, w - w0 with comm.init_relative)."""
+    return state.w - state.w0 if cfg.comm.init_relative else state.w
+
+
 def download_mask(state: ServerState, cfg: CellmConfig, round_: int, d_down: float | None = None,
                   support: torch.Tensor | None = None) -> torch.Tensor | None:
     """The download support M for ``round_`` (None = dense): top-k of |w - ref| (within ``support``), or the
@@ -128,7 +133,7 @@ def download_mask(state: ServerState, cfg: CellmConfig, round_: int, d_down: flo
         d_down, _ = densities(cfg, round_)
     if d_down >= 1.0:
         return support
-    x = state.w - state.w0 if cfg.comm.init_relative else state.w
+    x = relative_weights(state, cfg)
     if support is not None:
         x = torch.where(support, x, torch.zeros_like(x))
     return topk_mask(x, d_down) if support is None else topk_mask(x, d_down) & support
@@ -292,7 +297,7 @@ def finish_round(state: ServerState, cfg: CellmConfig, plan: RoundPlan, replies:
         applied = True
     if cfg.comm.freeze_mask_after and t == cfg.comm.freeze_mask_after and state.frozen_mask is None:
         d_down, _ = densities(cfg, t + 1)
-        state.frozen_mask = topk_mask(state.w - state.w0 if cfg.comm.init_relative else state.w, d_down)
+        state.frozen_mask = topk_mask(relative_weights(state, cfg), d_down)
     state.round = t
     losses = [r.train_loss for _, _, r in good]
     loss = sum(losses) / len(losses) if losses else math.nan
