@@ -15,7 +15,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import tomli_w
 
-from cellm.data import DATASETS
+from cellm.data import DATASETS, FileSpec
 from cellm.errors import ConfigError
 from cellm.models.registry import MODELS
 
@@ -40,22 +40,34 @@ def _f(default: Any, help: str, choices: tuple | None = None, *, ge: float | Non
 
 @dataclass
 class ModelConfig:
-    name: str = _f("minilm-l6", "Registered model: minilm-l6, smollm2-135m, tiny-bert, tiny-llama.")
+    name: str = _f("minilm-l6", "Registered model: minilm-l6, smollm2-135m, tiny-bert, tiny-llama (only a label when model.path is set).")
+    path: str = _f("", "Your own model instead: a local Hugging Face folder (config.json, weights, tokenizer) or a .gguf file, loaded as a causal LM or a sequence classifier by the data's task; nothing is fetched from a hub.")
     lora_rank: int = _f(8, "LoRA rank r.", ge=1)
     lora_alpha: float = _f(16.0, "LoRA alpha; the adapter is scaled by alpha / r.", gt=0)
     lora_dropout: float = _f(0.0, "Dropout on the LoRA input.", ge=0, lt=1)
-    target_modules: list[str] = _f([], "Module names that get LoRA; empty = the model's default (query/value, q_proj/v_proj).")
+    target_modules: list[str] = _f([], "Module names that get LoRA; empty = the model's default (peft's table for its architecture).")
     freeze_a: bool = _f(False, "FFA-LoRA: the A matrices stay at their (seeded) initialisation, never trained nor sent.")
 
 
 @dataclass
 class DataConfig:
-    name: str = _f("bbc", "Dataset: bbc (classification), shakespeare or chitchat (next-token prediction).")
-    num_clients: int = _f(50, "Number of federated clients.", ge=1)
+    name: str = _f("bbc", "Dataset: bbc (classification), shakespeare or chitchat (next-token prediction), or files (your own: data.path).")
+    path: str = _f("", "data.name = files: a .jsonl, .json, .csv or .parquet file, one row per example.")
+    test_path: str = _f("", "data.name = files: an optional held-out file in the same format (then no training row is held out).")
+    text_column: str = _f("", "Column of the text (classification with data.label_column; next-token prediction alone).")
+    label_column: str = _f("", "Column of class labels (strings or integers): makes the data a classification task.")
+    prompt_column: str = _f("", "Instruction tuning: column of prompts (with data.response_column); the loss counts response tokens only.")
+    response_column: str = _f("", "Instruction tuning: column of responses.")
+    messages_column: str = _f("", "Chat data: column of [{role, content}, ...] rendered with the tokenizer's chat template; the loss counts assistant turns only.")
+    client_column: str = _f("", "Column naming each row's client: one client per distinct value (data.partition natural).")
+    partition: str = _f("auto", "How rows are split over clients (flwr-datasets partitioners): natural (data.client_column), iid, dirichlet or shard (over data.label_column); auto = natural with a client column, else iid.", ("auto", "natural", "iid", "dirichlet", "shard"))
+    holdout: str = _f("fraction", "Without data.test_path: fraction = a stratified data.test_fraction of each client's rows is held out; clients = that share of whole clients.", ("fraction", "clients"))
+    shards_per_client: int = _f(2, "data.partition = shard: label-sorted shards per client.", ge=1)
+    num_clients: int = _f(50, "Number of federated clients (natural partitions: how many of the file's clients, a seeded choice).", ge=1)
     seq_len: int = _f(64, "Tokens per example (truncate / pad / chunk).", ge=8)
     min_client_size: int = _f(8, "Fewest examples (sequences) a client may hold.", ge=1)
     dirichlet_alpha: float = _f(0.5, "Label skew of the Dirichlet split (bbc): smaller is more non-IID.", gt=0)
-    test_fraction: float = _f(0.2, "Held-out share of examples (bbc; stratified).", gt=0, lt=1)
+    test_fraction: float = _f(0.2, "Held-out share of examples (bbc, files; stratified), or of clients (data.holdout = clients).", gt=0, lt=1)
     max_test_examples: int = _f(0, "Cap on held-out examples used for evaluation; 0 = all.", ge=0)
     cache_dir: str = _f(".cellm-cache", "Where tokenized data is cached; empty string = no cache.")
 
@@ -143,6 +155,8 @@ class RunConfig:
                          "results are bit-identical only at the same count). 0 = decided at start: OMP_NUM_THREADS if "
                          "set, else torch's default; the run folder's config.toml records the number, and a resume, "
                          "Flower workers and ClientApps use it whatever their environment says.", ge=0)
+    device: str = _f("auto", "Where the model trains and evaluates: auto (a GPU when torch sees one), cpu or cuda. The flat adapter, codec and server stay on CPU.", ("auto", "cpu", "cuda"))
+    precision: str = _f("fp32", "Autocast of forward passes: fp32 (none), bf16 or fp16 (GPU only); weights and the adapter stay fp32.", ("fp32", "bf16", "fp16"))
 
 
 @dataclass
@@ -329,16 +343,57 @@ def _check_declared(cfg: Any, prefix: str) -> None:
             _check(_within(value, b), prefix + f.name, f"must be {_bounds_text(b)}; got {value!r}")
 
 
+def file_spec(d: DataConfig) -> FileSpec:
+    """The ``data.*`` fields a files dataset uses."""
+    return FileSpec(path=d.path, test_path=d.test_path, text_column=d.text_column, label_column=d.label_column,
+                    prompt_column=d.prompt_column, response_column=d.response_column,
+                    messages_column=d.messages_column, client_column=d.client_column, partition=d.partition,
+                    holdout=d.holdout, shards_per_client=d.shards_per_client)
+
+
+def model_label(cfg: CellmConfig) -> str:
+    """What to call the model in folder names and plots: the registered name, or model.path's last part."""
+    return Path(cfg.model.path).expanduser().stem if cfg.model.path else cfg.model.name
+
+
+def task_of(cfg: CellmConfig) -> str:
+    """classification or causal_lm: the packaged dataset's, or what the named columns of the files make."""
+    if cfg.data.name == "files":
+        return file_spec(cfg.data).task
+    return str(DATASETS[cfg.data.name].task)
+
+
+def _validate_files(d: DataConfig) -> None:
+    _check(bool(d.path), "data.path", "is empty: data.name = 'files' reads your .jsonl/.csv/.parquet file from it")
+    spec = file_spec(d)
+    spec.format  # noqa: B018 - raises a ConfigError for an inconsistent set of columns
+    kind = spec.partition_kind
+    if kind == "natural":
+        _check(bool(d.client_column), "data.client_column", "is empty: data.partition = 'natural' needs the "
+               "column naming each row's client")
+    if kind in ("dirichlet", "shard"):
+        _check(bool(d.label_column), "data.label_column", f"is empty: data.partition = '{kind}' splits over the "
+               "classes of a label column")
+
+
 def validate(cfg: CellmConfig) -> None:
     """Declared choices and bounds, then the rules that tie fields together. Raises ConfigError naming the field."""
     _check_declared(cfg, "")
     m, d, f = cfg.model, cfg.data, cfg.fl
-    _check(m.name in MODELS, "model.name", f"must be one of {', '.join(MODELS)}; got {m.name!r}")
     _check(d.name in DATASETS, "data.name", f"must be one of {', '.join(DATASETS)}; got {d.name!r}")
-    task = MODELS[m.name].task
-    want = DATASETS[d.name].task
-    _check(task == want, "data.name",
-           f"'{d.name}' is a {want} dataset but model '{m.name}' is a {task} model; pick a matching pair")
+    if d.name == "files":
+        _validate_files(d)
+    else:
+        for name in ("path", "test_path", "text_column", "label_column", "prompt_column", "response_column",
+                     "messages_column", "client_column"):
+            _check(not getattr(d, name), f"data.{name}", f"applies to data.name = 'files' only (data.name is "
+                   f"'{d.name}'); leave it empty")
+    want = task_of(cfg)
+    if not m.path:
+        _check(m.name in MODELS, "model.name", f"must be one of {', '.join(MODELS)} (or set model.path); got {m.name!r}")
+        task = MODELS[m.name].task
+        _check(task == want, "data.name",
+               f"'{d.name}' is {want} data but model '{m.name}' is a {task} model; pick a matching pair")
     _check(f.clients_per_round <= d.num_clients, "fl.clients_per_round",
            f"({f.clients_per_round}) must not exceed data.num_clients ({d.num_clients})")
     fa = cfg.faults

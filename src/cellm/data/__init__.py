@@ -1,14 +1,14 @@
-"""Federated datasets for cellm, built from pip-installed corpora (no network) and cached tokenized on disk.
+"""Federated datasets for cellm: pip-installed corpora (no network) or the user's own files, cached tokenized.
 
-``load_federated`` is the one entry point: it validates the settings, serves the cache when it can and
-otherwise reads, splits and tokenizes the named dataset.
+``load_federated`` is the one entry point: it serves the cache when it can and otherwise reads, splits and
+tokenizes the named dataset (``files``: the user's, described by a :class:`FileSpec`).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -17,6 +17,7 @@ from cellm.data.bbc import load_bbc
 from cellm.data.cache import load_or_build
 from cellm.data.chitchat import load_chitchat
 from cellm.data.errors import DataConfigError
+from cellm.data.files import FileSpec, file_digest, label_names, load_files
 from cellm.data.partition import subsample
 from cellm.data.shakespeare import load_shakespeare
 from cellm.data.types import FederatedData, Split
@@ -27,9 +28,9 @@ from cellm.errors import ConfigError
 class DatasetSpec:
     """A packaged dataset: what a model must be to train on it (known before anything is loaded) and its loader."""
 
-    task: str  # "classification" or "causal_lm"
-    num_labels: int | None  # a classifier's head size; None for language modelling
-    loader: Callable[..., FederatedData]
+    task: str | None  # "classification" or "causal_lm"; None: decided by the columns named (files)
+    num_labels: int | None  # a classifier's head size; None for language modelling (or read from the files)
+    loader: Callable[..., FederatedData] | None
 
 
 def _lm(loader: Callable[..., FederatedData]) -> Callable[..., FederatedData]:
@@ -44,9 +45,11 @@ DATASETS: dict[str, DatasetSpec] = {  # the one registry of datasets, as MODELS 
     "bbc": DatasetSpec("classification", 5, load_bbc),
     "shakespeare": DatasetSpec("causal_lm", None, _lm(load_shakespeare)),
     "chitchat": DatasetSpec("causal_lm", None, _lm(load_chitchat)),
+    "files": DatasetSpec(None, None, None),  # the user's files: see cellm.data.files
 }
 
-__all__ = ["DATASETS", "DataConfigError", "DatasetSpec", "FederatedData", "Split", "load_federated"]
+__all__ = ["DATASETS", "DataConfigError", "DatasetSpec", "FederatedData", "FileSpec", "Split", "label_names",
+           "load_federated"]
 
 
 def load_federated(
@@ -62,6 +65,8 @@ def load_federated(
     max_test_examples: int | None = None,
     seed: int = 0,
     cache_dir: str | os.PathLike[str] | None = None,
+    files: FileSpec | None = None,
+    labels: list[str] | None = None,
 ) -> FederatedData:
     """The federated split of dataset ``name`` (one of DATASETS), tokenized with ``tokenizer``.
 
@@ -70,7 +75,8 @@ def load_federated(
     to bbc only; the language-modelling datasets hold out a fixed share of speakers/senders instead.
     ``max_test_examples`` (None or 0: no cap) keeps a seed-determined subset of the test split.
     ``cache_dir`` None disables the on-disk cache. The settings' ranges are the config's
-    (:func:`cellm.config.validate`); they are not checked again here.
+    (:func:`cellm.config.validate`); they are not checked again here. ``name = "files"`` reads ``files`` (a
+    classifier's ``labels`` from :func:`label_names`); its cache key holds the files' content digests.
     """
     if name not in DATASETS:
         raise ConfigError(f"config field 'data.name' must be one of {', '.join(DATASETS)}; got {name!r}")
@@ -88,10 +94,22 @@ def load_federated(
         "max_test_examples": cap,
     }
 
+    if name == "files":
+        if files is None:
+            raise ConfigError("config field 'data.path' is needed with data.name = 'files'")
+        fields.update(asdict(files), dirichlet_alpha=float(dirichlet_alpha), test_fraction=float(test_fraction),
+                      labels=labels, path=file_digest(files.path, "data.path"),  # content, not location
+                      test_path=file_digest(files.test_path, "data.test_path") if files.test_path else None)
+
     def build() -> FederatedData:
-        data = DATASETS[name].loader(tokenizer, num_clients=num_clients, seq_len=seq_len,
-                                     min_client_size=min_client_size, dirichlet_alpha=dirichlet_alpha,
-                                     test_fraction=test_fraction, seed=seed)
+        if name == "files":
+            data = load_files(files, tokenizer, labels=labels, num_clients=num_clients, seq_len=seq_len,
+                              min_client_size=min_client_size, dirichlet_alpha=dirichlet_alpha,
+                              test_fraction=test_fraction, seed=seed)
+        else:
+            data = DATASETS[name].loader(tokenizer, num_clients=num_clients, seq_len=seq_len,
+                                         min_client_size=min_client_size, dirichlet_alpha=dirichlet_alpha,
+                                         test_fraction=test_fraction, seed=seed)
         # Separate stream from the split's, so capping never changes which examples the clients get.
         keep = subsample(len(data.test), cap, np.random.default_rng([seed, 1]))
         if len(keep) < len(data.test):

@@ -14,6 +14,7 @@ from cellm.core.feedback import compress
 from cellm.data.types import Split
 from cellm.errors import CellmError
 from cellm.federated.seeds import BATCHES, DROPOUT, derive
+from cellm.models.device import autocast, model_device
 from cellm.models.flat import FlatView, rank_support
 
 
@@ -27,6 +28,7 @@ class TrainSpec:
     local_steps: int = 5
     local_epochs: int = 0
     batch_size: int = 16
+    precision: str = "fp32"  # autocast of the forward pass: fp32 (none), bf16 or fp16
 
 
 @dataclass(frozen=True)
@@ -100,22 +102,25 @@ def local_train(
 ) -> tuple[torch.Tensor, float]:
     """Train the adapter densely from ``start`` on ``data``; returns (trained flat vector, mean train loss).
 
-    A fresh optimizer each round (FLASC). ``grad_mask`` multiplies the gradients (client_freeze).
+    A fresh optimizer each round (FLASC). ``grad_mask`` multiplies the gradients (client_freeze). Batches go
+    to the model's device; ``start`` and the returned vector are CPU vectors.
     """
+    device = model_device(model)
     flat.set(start)
     gen = torch.Generator().manual_seed(derive(seed, round_, client, BATCHES))
     opt = _optimizer(spec, flat.params)
     masks = None
     if grad_mask is not None:
-        masks = [grad_mask[a:b].view(p.shape).to(p.dtype)
+        masks = [grad_mask[a:b].view(p.shape).to(device=p.device, dtype=p.dtype)
                  for p, a, b in zip(flat.params, flat.offsets[:-1], flat.offsets[1:], strict=True)]
     losses = []
     model.train()
     with torch.random.fork_rng():
         torch.manual_seed(derive(seed, round_, client, DROPOUT))
         for idx in _batches(len(data), spec, gen):
-            out = model(input_ids=data.input_ids[idx], attention_mask=data.attention_mask[idx],
-                        labels=data.labels[idx])
+            with autocast(device, spec.precision):
+                out = model(input_ids=data.input_ids[idx].to(device), attention_mask=data.attention_mask[idx].to(device),
+                            labels=data.labels[idx].to(device))
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
             if masks is not None:

@@ -35,7 +35,7 @@ def train_spec(cfg: CellmConfig) -> TrainSpec:
     c = cfg.client
     return TrainSpec(optimizer=c.optimizer, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay,
                      max_grad_norm=c.max_grad_norm, local_steps=cfg.fl.local_steps,
-                     local_epochs=cfg.fl.local_epochs, batch_size=cfg.fl.batch_size)
+                     local_epochs=cfg.fl.local_epochs, batch_size=cfg.fl.batch_size, precision=cfg.run.precision)
 
 
 def server_opt_spec(cfg: CellmConfig) -> ServerOptSpec:

@@ -12,6 +12,7 @@ from cellm.interface.api import resume, run
 from cellm.interface.cliargs import add_config_args, print_summary
 from cellm.interface.compare import load_sweep, run_sweep, sweep_from_args
 from cellm.interface.search import SearchSpec, run_search
+from cellm.interface.use import export, generate
 from cellm.methods import METHODS
 
 
@@ -43,6 +44,15 @@ def _parser() -> argparse.ArgumentParser:
     sr.add_argument("--out", required=True, help="Search folder (re-running it reuses finished short runs).")
     sr.add_argument("--jobs", type=int, default=1, help="Candidates run in parallel processes.")
     sub.add_parser("methods", help="List the built-in methods for `cellm compare`.")
+    g = sub.add_parser("generate", help="Complete a prompt with a run's model (base + its adapter).")
+    g.add_argument("run_dir", metavar="RUN_DIR", help="A finished run folder.")
+    g.add_argument("prompt", metavar="PROMPT")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default).")
+    g.add_argument("--seed", type=int, default=0, help="Sampling seed (temperature > 0).")
+    e = sub.add_parser("export", help="Write a run's merged model (base + adapter) as a plain transformers folder.")
+    e.add_argument("run_dir", metavar="RUN_DIR", help="A finished run folder.")
+    e.add_argument("out_dir", metavar="OUT_DIR", help="New folder for the merged model and its tokenizer.")
 
     flower_cli.add_parser(sub)
     sub.add_parser("presets", help="List presets.")
@@ -95,6 +105,17 @@ def _methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    print(generate(args.run_dir, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                   seed=args.seed))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    print(f"merged model written to {export(args.run_dir, args.out_dir)}")
+    return 0
+
+
 def _presets(args: argparse.Namespace) -> int:
     print("\n".join(presets()))
     return 0
@@ -110,7 +131,7 @@ def _config(args: argparse.Namespace) -> int:
 
 
 HANDLERS = {"run": _run, "compare": _compare, "search": _search, "methods": _methods, "presets": _presets,
-            "config": _config, "flower": flower_cli.main}
+            "config": _config, "flower": flower_cli.main, "generate": _generate, "export": _export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,13 +25,12 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cellm.config import CellmConfig, load_config
+from cellm.config import CellmConfig, load_config, task_of
 from cellm.errors import ConfigError
 from cellm.interface.api import resume, run
 from cellm.interface.report import build_rows, build_seed_rows, markdown_table, seed_table
 from cellm.methods import METHODS, method_overrides
 from cellm.models.evaluate import primary_metric
-from cellm.models.registry import MODELS
 from cellm.runtime import runfolder as rf
 from cellm.runtime.plot import plot_runs
 
@@ -166,7 +165,7 @@ def run_sweep(sweep: Sweep, out: str | Path, *, jobs: int = 1, log=print, report
 def write_report(sweep: Sweep, out: Path) -> str:
 
     base = sweep.base()
-    metric, higher = primary_metric(MODELS[base.model.name].task)
+    metric, higher = primary_metric(task_of(base))
     title = f"{base.model.name} on {base.data.name}"
     if sweep.seeds:
         per_seed = {m: {s: rf.read_metrics(method_dir(out, m, s)) for s in sweep.seeds} for m in sweep.methods}

@@ -15,11 +15,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from cellm.config import CellmConfig, load_config
+from cellm.config import CellmConfig, load_config, task_of
 from cellm.errors import ConfigError
 from cellm.interface.compare import Sweep, method_dir, run_sweep
 from cellm.models.evaluate import primary_metric
-from cellm.models.registry import MODELS
 from cellm.runtime import runfolder as rf
 
 Evaluate = Callable[[list[tuple[int, float]]], list[tuple[float, int]]]  # [(rank, d)] -> [(metric, bytes)]
@@ -148,7 +147,7 @@ def run_search(base: CellmConfig, base_overrides: list[str], base_preset: str | 
                log: Callable[[str], None] = print) -> SearchResult:
     """FLASC-Search with short federated runs through the sweep runner; writes search.md/json + chosen.toml."""
 
-    metric, higher = primary_metric(MODELS[base.model.name].task)
+    metric, higher = primary_metric(task_of(base))
     spec.higher_better = higher
     out = Path(out)
     alpha_per_rank = base.model.lora_alpha / base.model.lora_rank

@@ -32,15 +32,16 @@ class FlatView:
         return [(n, self.offsets[i], self.offsets[i + 1]) for i, n in enumerate(self.names)]
 
     def get(self) -> torch.Tensor:
-        """A fresh copy of the trainable values (N floats; the base model is not copied)."""
-        return torch.cat([p.detach().reshape(-1).to(torch.float32) for p in self.params])
+        """A fresh CPU copy of the trainable values (N floats; the base model is not copied), wherever the model
+        lives: the codec, the server and the checkpoints only ever see CPU vectors."""
+        return torch.cat([p.detach().reshape(-1).to(device="cpu", dtype=torch.float32) for p in self.params])
 
     @torch.no_grad()
     def set(self, vec: torch.Tensor) -> None:
         if vec.numel() != self.numel:
             raise ValueError(f"flat vector has {vec.numel()} entries, the model's adapter has {self.numel}")
         for p, a, b in zip(self.params, self.offsets[:-1], self.offsets[1:], strict=True):
-            p.copy_(vec[a:b].view(p.shape).to(p.dtype))
+            p.copy_(vec[a:b].view(p.shape).to(device=p.device, dtype=p.dtype))
 
 
 def rank_support(flat: FlatView, keep: int) -> torch.Tensor:

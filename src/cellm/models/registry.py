@@ -6,6 +6,7 @@ serve the unit tests. All share the MiniLM tokenizer when they have none of thei
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import warnings
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from cellm.errors import AssetError
+from cellm.errors import AssetError, ConfigError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -121,10 +122,16 @@ class LoadedModel:
     def task(self) -> str:
         return self.spec.task
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
-def check_assets(name: str) -> None:
-    """Raise AssetError early (before a run folder exists) when a real model's package is missing."""
-    if name == "minilm-l6" or name.startswith("tiny-"):
+
+def check_assets(name: str, path: str = "") -> None:
+    """Raise AssetError / ConfigError early (before a run folder exists) when the model cannot be loaded."""
+    if path:
+        model_source(path)
+    elif name == "minilm-l6" or name.startswith("tiny-"):
         minilm_dir()
     elif name == "smollm2-135m":
         smollm2_dir()
@@ -132,38 +139,166 @@ def check_assets(name: str) -> None:
             raise AssetError("model 'smollm2-135m' needs the package gguf: pip install gguf")
 
 
-def load_model(name: str, *, lora_rank: int, lora_alpha: float, lora_dropout: float,
+# ---------------------------------------------------------------- models by path
+
+def model_source(path: str) -> tuple[Path, str | None]:
+    """(folder, gguf file name or None) of ``model.path``; a one-line ConfigError when it cannot be a model."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ConfigError(f"config field 'model.path': {p} does not exist (a Hugging Face model folder or a .gguf file)")
+    if p.is_file():
+        if p.suffix.lower() != ".gguf":
+            raise ConfigError(f"config field 'model.path': {p} is a file but not a .gguf; give a model folder or a .gguf file")
+        if importlib.util.find_spec("gguf") is None:
+            raise AssetError(f"model.path {p} is a GGUF file, which needs the package gguf: pip install gguf")
+        return p.parent, p.name
+    if not (p / "config.json").is_file():
+        raise ConfigError(f"config field 'model.path': {p} has no config.json, so it is not a Hugging Face model "
+                          "folder (save one with save_pretrained)")
+    weights = [f for f in p.iterdir() if f.suffix in (".safetensors", ".bin") or f.name.endswith(".index.json")]
+    if not weights:
+        raise ConfigError(f"config field 'model.path': {p} has config.json but no weights (*.safetensors or *.bin)")
+    return p, None
+
+
+def _tokenizer_digest(folder: Path, gguf: str | None) -> str:
+    """Keys the tokenized-data cache: the tokenizer files' bytes (a GGUF's size and time, as it is large)."""
+    h = hashlib.sha256()
+    if gguf is not None:
+        st = (folder / gguf).stat()
+        h.update(f"{gguf}:{st.st_size}:{st.st_mtime_ns}".encode())
+    for f in sorted(folder.iterdir()):
+        tokenizer_file = f.name.startswith(("tokenizer", "vocab", "merges", "special_tokens", "added_tokens",
+                                            "chat_template")) or f.suffix == ".model"
+        if f.is_file() and tokenizer_file:
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return "path-" + h.hexdigest()[:16]
+
+
+def linear_layer_names(model: torch.nn.Module) -> list[str]:
+    """The distinct last names of a model's linear layers: what ``model.target_modules`` may name."""
+    kinds = (torch.nn.Linear,)
+    try:
+        from transformers.pytorch_utils import Conv1D  # GPT-2's projections
+
+        kinds = (torch.nn.Linear, Conv1D)
+    except ImportError:  # pragma: no cover - every supported transformers has it
+        pass
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, kinds) and n})
+
+
+def path_spec(path: str, task: str) -> ModelSpec:
+    """A ModelSpec for a local model: loaded with the Auto class of ``task``; LoRA targets come from peft's
+    table for its architecture (empty when peft knows none: then the user must name them)."""
+    folder, gguf = model_source(path)
+
+    def loader(num_labels: int | None):
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        kw: dict = {"local_files_only": True}
+        if gguf is not None:
+            kw["gguf_file"] = gguf
+        try:
+            tok = AutoTokenizer.from_pretrained(str(folder), **kw)
+        except Exception as exc:
+            raise ConfigError(f"config field 'model.path': no usable tokenizer in {folder} ({_first_line(exc)})") from None
+        try:
+            if task == "classification":
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    str(folder), num_labels=num_labels, ignore_mismatched_sizes=True, dtype=torch.float32, **kw)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, **kw)
+        except Exception as exc:
+            raise ConfigError(f"config field 'model.path': transformers cannot load {path} as a "
+                              f"{'sequence classifier' if task == 'classification' else 'causal LM'} "
+                              f"({_first_line(exc)})") from None
+        return model, tok
+
+    return ModelSpec(str(path), task, (), loader, _tokenizer_digest(folder, gguf))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _default_targets(spec: ModelSpec, model: torch.nn.Module) -> list[str]:
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
+
+    if spec.default_targets:
+        return list(spec.default_targets)
+    known = PEFT_TARGETS.get(getattr(model.config, "model_type", ""))
+    if known:
+        return list(known)
+    raise ConfigError(
+        f"config field 'model.target_modules' is empty and peft knows no default LoRA targets for model type "
+        f"{getattr(model.config, 'model_type', '?')!r}; name some of its linear layers: "
+        f"{', '.join(linear_layer_names(model))}")
+
+
+def _head_modules(spec: ModelSpec, model: torch.nn.Module) -> list[str]:
+    """A classifier's head (trained and sent with the adapter): the registry's, else what the Auto class built."""
+    if spec.head_modules or spec.task != "classification":
+        return list(spec.head_modules)
+    names = {n for n, _ in model.named_modules()}
+    heads = [h for h in ("classifier", "score") if h in names]
+    if not heads:
+        raise ConfigError(f"model.path {spec.name}: the sequence classifier has no 'classifier' or 'score' head")
+    return heads[:1]
+
+
+def resolve_spec(name: str, path: str, task: str) -> ModelSpec:
+    """The spec of ``model.path`` when set (loaded for ``task``), else of the registered ``model.name``."""
+    return path_spec(path, task) if path else MODELS[name]
+
+
+def load_model(name: str | ModelSpec, *, lora_rank: int, lora_alpha: float, lora_dropout: float,
                target_modules: list[str] | tuple[str, ...] = (), num_labels: int | None = None,
                seed: int = 0, freeze_a: bool = False) -> LoadedModel:
-    """Load a registered base model and attach a LoRA adapter (and a trainable head for classifiers)."""
+    """Load a base model (registered name, or a spec from :func:`path_spec`) and attach a LoRA adapter (and a
+    trainable head for classifiers), both initialised from ``seed`` alone."""
     from peft import LoraConfig, get_peft_model
 
-    spec = MODELS[name]
-    check_assets(name)
+    if isinstance(name, ModelSpec):
+        spec = name
+    else:
+        spec = MODELS[name]
+        check_assets(name)
     model, tok = spec.loader(num_labels)
     if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ConfigError(f"model {spec.name}: its tokenizer has neither a pad nor an eos token to pad with")
         tok.pad_token = tok.eos_token
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tok.pad_token_id
+    targets = list(target_modules) or _default_targets(spec, model)
+    heads = _head_modules(spec, model)
     lcfg = LoraConfig(
         r=lora_rank,
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
-        target_modules=list(target_modules) or list(spec.default_targets),
+        target_modules=targets,
         task_type="SEQ_CLS" if spec.task == "classification" else "CAUSAL_LM",
-        modules_to_save=list(spec.head_modules) or None,
+        modules_to_save=heads or None,
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)  # adapter (and head) init depends on the run seed only
-        if spec.head_modules:
-            for mod in spec.head_modules:
-                head = model.get_submodule(mod)
-                for p in head.parameters():
-                    torch.nn.init.normal_(p, std=0.02) if p.dim() > 1 else torch.nn.init.zeros_(p)
-        pmodel = get_peft_model(model, lcfg)
+        for mod in heads:
+            for p in model.get_submodule(mod).parameters():
+                torch.nn.init.normal_(p, std=0.02) if p.dim() > 1 else torch.nn.init.zeros_(p)
+        try:
+            pmodel = get_peft_model(model, lcfg)
+        except ValueError as exc:
+            if "not found in the base model" not in str(exc) and "Target modules" not in str(exc):
+                raise
+            raise ConfigError(f"config field 'model.target_modules' = {targets} matches no layer of {spec.name}; "
+                              f"its linear layers are: {', '.join(linear_layer_names(model))}") from None
     if freeze_a:  # FFA-LoRA: A is fixed by the seed on every side, so it never needs to travel
-        for name, p in pmodel.named_parameters():
-            if "lora_A" in name:
+        for pname, p in pmodel.named_parameters():
+            if "lora_A" in pname:
                 p.requires_grad_(False)
     pmodel.eval()
     return LoadedModel(spec, pmodel, tok)

@@ -50,7 +50,7 @@ class ClientRunner(Protocol):
 
 def evaluate_vector(setup: Setup, vec: torch.Tensor, cfg: CellmConfig) -> dict[str, float]:
     setup.flat.set(vec)
-    return evaluate(setup.loaded.model, setup.data.test, setup.loaded.task, cfg.eval.batch_size)
+    return evaluate(setup.loaded.model, setup.data.test, setup.loaded.task, cfg.eval.batch_size, cfg.run.precision)
 
 
 def tier_supports(cfg: CellmConfig, flat: FlatView) -> dict[int, torch.Tensor] | None:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from peft import get_peft_model_state_dict
 
-from cellm.config import CellmConfig
+from cellm.config import CellmConfig, model_label
 from cellm.errors import ConfigError
 from cellm.federated.server import ServerState, model_weights
 from cellm.runtime import runfolder as rf
@@ -53,7 +53,7 @@ class RunResult:
 
 def default_out_dir(cfg: CellmConfig) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{cfg.model.name}-{cfg.data.name}-{stamp}"
+    return Path("runs") / f"{model_label(cfg)}-{cfg.data.name}-{stamp}"
 
 
 def check_new_folder(out_dir: Path | None) -> None:
@@ -119,11 +119,13 @@ class RunRecorder:
                            time.perf_counter() - self.t0)
         if self.out_dir is not None:
             setup.loaded.model.save_pretrained(str(self.out_dir / rf.ADAPTER))
+            if setup.data.label_names:  # a classifier's class names, for `cellm generate` and `cellm export`
+                rf.atomic_write_text(self.out_dir / rf.LABELS, json.dumps(setup.data.label_names))
             rf.write_metrics(self.out_dir, state.metrics)
             rf.atomic_write_text(self.out_dir / rf.SUMMARY, json.dumps(summary(result), indent=2, sort_keys=True))
-            label = f"{cfg.model.name} d_down={cfg.comm.down_density:g} d_up={cfg.comm.up_density:g}"
+            label = f"{model_label(cfg)} d_down={cfg.comm.down_density:g} d_up={cfg.comm.up_density:g}"
             plot_runs([(label, state.metrics)], self.metric, self.out_dir / rf.PLOT,
-                      title=f"{cfg.model.name} on {cfg.data.name}")
+                      title=f"{model_label(cfg)} on {cfg.data.name}")
         return result
 
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-CONFIG, METRICS, CHECKPOINT, ADAPTER, PLOT, SUMMARY = (
-    "config.toml", "metrics.jsonl", "checkpoint.pt", "adapter", "plot.png", "summary.json")
+CONFIG, METRICS, CHECKPOINT, ADAPTER, PLOT, SUMMARY, LABELS = (
+    "config.toml", "metrics.jsonl", "checkpoint.pt", "adapter", "plot.png", "summary.json", "labels.json")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

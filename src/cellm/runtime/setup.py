@@ -6,11 +6,13 @@ from dataclasses import dataclass
 
 import torch
 
-from cellm.config import CellmConfig
-from cellm.data import DATASETS, load_federated
+from cellm.config import CellmConfig, file_spec, task_of
+from cellm.data import DATASETS, label_names, load_federated
 from cellm.data.types import FederatedData
+from cellm.errors import ConfigError
+from cellm.models.device import check_precision, resolve_device
 from cellm.models.flat import FlatView
-from cellm.models.registry import MODELS, LoadedModel, load_model
+from cellm.models.registry import LoadedModel, load_model, resolve_spec
 
 
 @dataclass
@@ -24,17 +26,33 @@ class Setup:
 
 
 def load_setup(cfg: CellmConfig) -> Setup:
-    spec = MODELS[cfg.model.name]
+    """Build everything a run needs from its config; every bad input fails here, before any file is written.
+
+    The adapter is initialised on CPU (so w0 is the same wherever the model then trains) and the model moved to
+    ``run.device`` afterwards.
+    """
     m, d = cfg.model, cfg.data
-    num_labels = DATASETS[d.name].num_labels  # a classifier's head is sized by the dataset
-    loaded = load_model(m.name, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
-                    target_modules=m.target_modules, num_labels=num_labels, seed=cfg.seed, freeze_a=m.freeze_a)
+    device = resolve_device(cfg.run.device)
+    check_precision(cfg.run.precision, device)
+    task = task_of(cfg)
+    files = file_spec(d) if d.name == "files" else None
+    labels = label_names(files) if files is not None and task == "classification" else None
+    num_labels = len(labels) if labels else DATASETS[d.name].num_labels  # a classifier's head fits the data
+    spec = resolve_spec(m.name, m.path, task)
+    loaded = load_model(spec, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
+                        target_modules=m.target_modules, num_labels=num_labels, seed=cfg.seed, freeze_a=m.freeze_a)
     data = load_federated(
         d.name, loaded.tokenizer, spec.tokenizer_id, num_clients=d.num_clients, seq_len=d.seq_len,
         min_client_size=d.min_client_size, dirichlet_alpha=d.dirichlet_alpha, test_fraction=d.test_fraction,
         max_test_examples=d.max_test_examples or None, seed=cfg.seed, cache_dir=d.cache_dir or None,
+        files=files, labels=labels,
     )
     if data.num_labels != num_labels:
         raise ValueError(f"dataset {d.name} has {data.num_labels} classes, expected {num_labels}")
+    if data.num_clients < cfg.fl.clients_per_round:
+        raise ConfigError(f"config field 'fl.clients_per_round' = {cfg.fl.clients_per_round} but the data has only "
+                          f"{data.num_clients} clients; lower it")
     flat = FlatView(loaded.model)
-    return Setup(loaded, flat, data, flat.get())
+    w0 = flat.get()
+    loaded.model.to(device)
+    return Setup(loaded, flat, data, w0)

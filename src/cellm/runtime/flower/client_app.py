@@ -93,7 +93,7 @@ def setup(msg: Message, context: Context) -> Message:
 
     text, digest = P.read_setup(msg.content)
     cfg = load_config(data=tomllib.loads(text))
-    check_assets(cfg.model.name)
+    check_assets(cfg.model.name, cfg.model.path)
     clients = P.served_clients(_node_config(context), cfg.data.num_clients)
     context.state[P.STATE_CONFIG] = ConfigRecord({"config": text, "digest": digest})
     return Message(content=P.node_content(clients, _node_config(context)), reply_to=msg)
