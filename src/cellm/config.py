@@ -149,6 +149,13 @@ class HeteroConfig:
 
 
 @dataclass
+class SLoRAConfig:
+    stage1_rounds: int = _f(0, "SLoRA: rounds of stage 1, where clients fine-tune a fixed random subset of the LoRA target matrices' own entries (drawn from the seed, never sent), before the switch to LoRA initialised from the truncated SVD of that change; 0 = one stage, LoRA from the start.", ge=0)
+    density: float = _f(0.01, "SLoRA stage 1: share of each target matrix's entries that are trained and sent.", gt=0, le=1)
+    codec: str = _f("fp32", "SLoRA stage 1: value coding of the subset's values, both ways (positions cost nothing: the subset comes from the seed).", VALUE_CODECS)
+
+
+@dataclass
 class RunConfig:
     checkpoint_every: int = _f(1, "Write the whole server and client state to the run folder every this many rounds; 0 = never.", ge=0)
     threads: int = _f(0, "Torch CPU threads for every computation of the run (the sum order of a matmul depends on it, so "
@@ -174,6 +181,7 @@ class CellmConfig:
     faults: FaultsConfig = field(default_factory=FaultsConfig, metadata={"help": "Dropouts, deadlines, rejection."})
     dp: DPConfig = field(default_factory=DPConfig, metadata={"help": "Differential privacy."})
     hetero: HeteroConfig = field(default_factory=HeteroConfig, metadata={"help": "Client tiers."})
+    slora: SLoRAConfig = field(default_factory=SLoRAConfig, metadata={"help": "SLoRA's sparse first stage."})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -396,6 +404,7 @@ def validate(cfg: CellmConfig) -> None:
                f"'{d.name}' is {want} data but model '{m.name}' is a {task} model; pick a matching pair")
     _check(f.clients_per_round <= d.num_clients, "fl.clients_per_round",
            f"({f.clients_per_round}) must not exceed data.num_clients ({d.num_clients})")
+    _validate_slora(cfg)
     fa = cfg.faults
     _check(fa.norm_factor == 0 or fa.norm_factor >= 1, "faults.norm_factor",
            f"must be 0 (off) or >= 1; got {fa.norm_factor}")
@@ -405,6 +414,31 @@ def validate(cfg: CellmConfig) -> None:
                f"needs model.lora_rank >= 4^(num_tiers-1) = {4 ** (h.num_tiers - 1)}; got rank {m.lora_rank}")
         _check(cfg.comm.download_mode == "weights", "comm.download_mode",
                "must be 'weights' with hetero.mode = 'rank'")
+
+
+def _validate_slora(cfg: CellmConfig) -> None:
+    s = cfg.slora
+    if not s.stage1_rounds:
+        return
+    _check(s.stage1_rounds < cfg.rounds, "slora.stage1_rounds",
+           f"({s.stage1_rounds}) must be below rounds ({cfg.rounds}): stage 2 needs at least one round")
+    why = "with slora.stage1_rounds > 0 (stage 2's start is the SVD of stage 1, which clients cannot rebuild)"
+    _check(not cfg.comm.init_relative, "comm.init_relative", f"must be false {why}")
+    _check(cfg.comm.download_mode == "weights", "comm.download_mode", "must be 'weights' with slora.stage1_rounds > 0")
+    _check(cfg.comm.freeze_mask_after == 0, "comm.freeze_mask_after", "must be 0 with slora.stage1_rounds > 0")
+    _check(cfg.hetero.mode == "none", "hetero.mode", "must be 'none' with slora.stage1_rounds > 0")
+    _check(not cfg.model.freeze_a, "model.freeze_a", f"must be false {why}")
+
+
+def stage_config(cfg: CellmConfig, stage: int) -> CellmConfig:
+    """The config a round of ``stage`` runs under: SLoRA's stage 1 sends its whole subset (d = 1) at
+    slora.codec both ways; stage 2 (and a one-stage run, stage 0) uses comm as configured."""
+    if stage != 1:
+        return cfg
+    comm = dataclasses.replace(cfg.comm, down_density=1.0, up_density=1.0, down_decay=1.0, up_decay=1.0,
+                               codec_down=cfg.slora.codec, codec_up=cfg.slora.codec, error_feedback_up=False,
+                               client_freeze=False)
+    return dataclasses.replace(cfg, comm=comm)
 
 
 def describe_fields(cls: type = CellmConfig, prefix: str = "") -> list[tuple[str, str, str]]:

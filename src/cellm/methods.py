@@ -23,6 +23,11 @@ def _relative(d: float, down: str, up: str, feedback: bool = True) -> Overrides:
                                          f"comm.codec_up={up}", f"comm.error_feedback_up={str(feedback).lower()}"]
 
 
+def _slora(stage2: list[str]) -> Overrides:
+    """SLoRA: stage 1 (a quarter of the rounds) trains a seeded 1% of the target matrices, then LoRA from its SVD."""
+    return lambda cfg: [f"slora.stage1_rounds={max(1, cfg.rounds // 4)}", "slora.density=0.01", *stage2]
+
+
 METHODS: dict[str, tuple[str, Overrides]] = {
     "dense": ("Dense LoRA: the whole adapter both ways (d = 1).",
               lambda cfg: ["comm.down_density=1.0", "comm.up_density=1.0"]),
@@ -64,6 +69,12 @@ METHODS: dict[str, tuple[str, Overrides]] = {
     "ir-ef-int4-1/64": ("As ir-ef-int4-1/16 at d = 1/64.", _relative(0.015625, "int4", "int4")),
     "ir-ef-int4-int2-1/16": ("Init-relative int4 download, ternary (int2) upload with error feedback, d = 1/16.",
                              _relative(0.0625, "int4", "int2")),
+    "slora": ("SLoRA as published: a quarter of the rounds training a seeded 1% of the target matrices (fp32), "
+              "then dense LoRA initialised from the SVD of that change.",
+              _slora(["comm.down_density=1.0", "comm.up_density=1.0"])),
+    "slora-ef-int4-1/16": ("SLoRA's stage 1, then stage 2 with FLASC d = 1/16, upload error feedback, int4 both ways.",
+                           _slora(["comm.down_density=0.0625", "comm.up_density=0.0625", "comm.error_feedback_up=true",
+                                   "comm.codec_down=int4", "comm.codec_up=int4"])),
 }
 
 

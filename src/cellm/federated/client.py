@@ -46,6 +46,7 @@ class ClientTask:
     support_rank: int = 0  # rank tier: train and send only the first r ranks (0 = all)
     download_masked: bool = False  # the download is a top-k part (its positions are the mask M), not everything
     init_digest: str = ""  # init-relative download: digest of the seeded init w0 the client must regenerate
+    stage: int = 0  # SLoRA: 1 = train the seeded subset of the target weights, 2 = LoRA; 0 = a one-stage run
 
 
 @dataclass

@@ -84,24 +84,27 @@ class ServerState:
     metrics: list[dict[str, Any]] = field(default_factory=list)
     client_copies: dict[int, torch.Tensor] = field(default_factory=dict)  # delta mode: each client's copy
     w0: torch.Tensor | None = None  # the seeded initial adapter, which every client regenerates (never sent)
+    stage: int = 0  # 0: a one-stage run; SLoRA: 1 (sparse subset of the target weights), then 2 (LoRA)
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "w": self.w, "round": self.round, "opt_state": self.opt_state, "frozen_mask": self.frozen_mask,
             "ledger": self.ledger.state_dict(), "metrics": self.metrics,
             "client_copies": {str(k): v for k, v in self.client_copies.items()}, "w0": self.w0,
+            "stage": self.stage,
         }
 
     @classmethod
     def from_state_dict(cls, s: dict[str, Any]) -> ServerState:
         return cls(w=s["w"], round=int(s["round"]), opt_state=s["opt_state"], frozen_mask=s["frozen_mask"],
                    ledger=Ledger.from_state_dict(s["ledger"]), metrics=list(s["metrics"]),
-                   client_copies={int(k): v for k, v in s["client_copies"].items()}, w0=s.get("w0"))
+                   client_copies={int(k): v for k, v in s["client_copies"].items()}, w0=s.get("w0"),
+                   stage=int(s.get("stage", 0)))
 
     @classmethod
-    def initial(cls, w0: torch.Tensor) -> ServerState:
-        """Round 0: the global adapter is the seeded initial one."""
-        return cls(w=w0.clone(), w0=w0.clone())
+    def initial(cls, w0: torch.Tensor, stage: int = 0) -> ServerState:
+        """Round 0: the global adapter is the seeded initial one (of ``stage``'s trainable vector)."""
+        return cls(w=w0.clone(), w0=w0.clone(), stage=stage)
 
 
 def reference(state: ServerState, cfg: CellmConfig, support: torch.Tensor | None = None) -> torch.Tensor:
@@ -225,7 +228,7 @@ def plan_round(state: ServerState, cfg: CellmConfig,
                               download_mode=cfg.comm.download_mode, client_freeze=cfg.comm.client_freeze,
                               error_feedback=cfg.comm.error_feedback_up,
                               support_rank=tier_rank(cfg, tier) if support is not None else 0,
-                              download_masked=masked, init_digest=digest)
+                              download_masked=masked, init_digest=digest, stage=state.stage)
     return RoundPlan(t, clients, d_down, d_up, tasks)
 
 

@@ -15,6 +15,7 @@ from cellm.federated.client import ClientState
 from cellm.federated.server import ServerState
 from cellm.models.evaluate import primary_metric
 from cellm.runtime import runfolder as rf
+from cellm.runtime.driver import enter_next_stage
 from cellm.runtime.embedded import Simulator, simulate
 from cellm.runtime.record import RunRecorder, RunResult, check_new_folder, default_out_dir, new_run_folder
 from cellm.runtime.setup import Setup, load_setup
@@ -59,7 +60,9 @@ def _execute(cfg: CellmConfig, setup: Setup, out_dir: Path | None, progress: boo
     state = None
     if checkpoint is not None:
         state = ServerState.from_state_dict(checkpoint["server"])
-        if state.w0 is None:  # a checkpoint written before w0 was kept
+        if state.stage == 2:  # SLoRA past its switch: w0 is the SVD start, not the seeded init; load stage 2
+            enter_next_stage(setup, state, cfg)
+        elif state.w0 is None:  # a checkpoint written before w0 was kept
             state.w0 = setup.w0.clone()
         elif not torch.equal(state.w0, setup.w0):
             raise ConfigError("cannot resume: the initial adapter rebuilt from the config differs from the "

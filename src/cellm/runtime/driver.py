@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import torch
 
-from cellm.config import CellmConfig
+from cellm.config import CellmConfig, stage_config
 from cellm.core.dp import epsilon as dp_epsilon
 from cellm.federated.client import ClientReply
 from cellm.federated.faults import arrivals
@@ -32,7 +32,7 @@ from cellm.federated.server import (
 )
 from cellm.models.evaluate import evaluate
 from cellm.models.flat import FlatView, rank_support
-from cellm.runtime.setup import Setup
+from cellm.runtime.setup import Setup, switch_to_lora
 
 OnRound = Callable[[ServerState, dict[str, Any]], None]
 
@@ -95,6 +95,8 @@ def metrics_row(state: ServerState, outcome: RoundOutcome | None, wall_s: float,
     if cfg.dp.noise_multiplier > 0:
         row["epsilon"] = dp_epsilon(cfg.dp.noise_multiplier, cfg.fl.clients_per_round / cfg.data.num_clients,
                                     t, cfg.dp.delta)
+    if state.stage:
+        row["stage"] = state.stage
     row["wall_s"] = round(wall_s, 3)
     row["round_s"] = round(round_s, 3)
     if eval_metrics is not None:
@@ -102,10 +104,23 @@ def metrics_row(state: ServerState, outcome: RoundOutcome | None, wall_s: float,
     return row
 
 
+def enter_next_stage(setup: Setup, state: ServerState, cfg: CellmConfig) -> None:
+    """SLoRA's switch, once stage 1's rounds are done: the global vector becomes LoRA initialised from the SVD of
+    stage 1's change (plus the head as trained), with a fresh server optimizer. Also brings a freshly loaded
+    setup (a resume) to the checkpoint's stage."""
+    if state.stage == 2 and setup.stage == 1:  # resuming in stage 2: the checkpoint holds stage 2's vector
+        switch_to_lora(setup, cfg, from_svd=False)
+    elif state.stage == 1 and state.round >= cfg.slora.stage1_rounds:
+        setup.flat.set(state.w)
+        switch_to_lora(setup, cfg, from_svd=True)
+        state.w, state.w0 = setup.flat.get(), setup.w0.clone()
+        state.opt_state, state.stage = None, 2
+
+
 def play_round(state: ServerState, cfg: CellmConfig, supports: dict[int, torch.Tensor] | None,
                runner: ClientRunner) -> RoundOutcome:
     """One round with ``runner`` executing the clients; ``overhead_s`` is the time in masks, coding, decoding,
-    aggregation and the server step (not training, not evaluation)."""
+    aggregation and the server step (not training, not evaluation). ``cfg`` is the round's stage config."""
     t0 = time.perf_counter()
     plan = plan_round(state, cfg, supports)
     plan_s = time.perf_counter() - t0
@@ -127,12 +142,13 @@ def drive(cfg: CellmConfig, setup: Setup, runner: ClientRunner, state: ServerSta
     round and after round 0's evaluation."""
     t0 = time.perf_counter()
     if state is None:
-        state = ServerState.initial(setup.w0)
+        state = ServerState.initial(setup.w0, setup.stage)
     supports = tier_supports(cfg, setup.flat)
     if state.round == 0 and not state.metrics:
         runner.prepare()
-        ev = evaluate_state(setup, state, cfg, 1)
-        row = metrics_row(state, None, time.perf_counter() - t0, 0.0, ev, cfg)
+        scfg = stage_config(cfg, state.stage)
+        ev = evaluate_state(setup, state, scfg, 1)
+        row = metrics_row(state, None, time.perf_counter() - t0, 0.0, ev, scfg)
         state.metrics.append(row)
         if on_round:
             on_round(state, row)
@@ -140,14 +156,17 @@ def drive(cfg: CellmConfig, setup: Setup, runner: ClientRunner, state: ServerSta
     while state.round < cfg.rounds:
         r0 = time.perf_counter()
         runner.prepare()
-        outcome = play_round(state, cfg, supports, runner)
+        if state.stage:
+            enter_next_stage(setup, state, cfg)
+        scfg = stage_config(cfg, state.stage)
+        outcome = play_round(state, scfg, supports, runner)
         t = state.round
         ev = None
         e0 = time.perf_counter()
         if t % cfg.fl.eval_every == 0 or t == cfg.rounds:
-            ev = evaluate_state(setup, state, cfg, t + 1)
+            ev = evaluate_state(setup, state, scfg, t + 1)
         now = time.perf_counter()
-        row = metrics_row(state, outcome, offset + now - t0, now - r0, ev, cfg)
+        row = metrics_row(state, outcome, offset + now - t0, now - r0, ev, scfg)
         row["eval_s"] = round(now - e0, 3)
         state.metrics.append(row)
         if on_round:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from peft import get_peft_model_state_dict
 
-from cellm.config import CellmConfig, model_label
+from cellm.config import CellmConfig, model_label, stage_config
 from cellm.errors import ConfigError
 from cellm.federated.server import ServerState, model_weights
 from cellm.runtime import runfolder as rf
@@ -113,7 +113,7 @@ class RunRecorder:
         """Set the final (evaluated) adapter into the model, save it, the metrics, summary and plot."""
         self.close()
         cfg = self.cfg
-        setup.flat.set(model_weights(state, cfg, state.round + 1))
+        setup.flat.set(model_weights(state, stage_config(cfg, state.stage), state.round + 1))
         adapter = {k: v.detach().clone() for k, v in get_peft_model_state_dict(setup.loaded.model).items()}
         result = RunResult(cfg, self.out_dir, state.metrics, adapter, state.ledger.totals(), self.metric,
                            time.perf_counter() - self.t0)

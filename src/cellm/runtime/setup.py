@@ -13,6 +13,7 @@ from cellm.errors import ConfigError
 from cellm.models.device import check_precision, resolve_device
 from cellm.models.flat import FlatView
 from cellm.models.registry import LoadedModel, load_model, resolve_spec
+from cellm.models.stages import enter_stage1, enter_stage2
 
 
 @dataclass
@@ -23,6 +24,7 @@ class Setup:
     flat: FlatView
     data: FederatedData
     w0: torch.Tensor  # the seeded initial adapter, as built here: what init-relative downloads are relative to
+    stage: int = 0  # which trainable vector ``flat`` views: 0 one-stage run; SLoRA 1 (sparse subset), 2 (LoRA)
 
 
 def load_setup(cfg: CellmConfig) -> Setup:
@@ -52,7 +54,22 @@ def load_setup(cfg: CellmConfig) -> Setup:
     if data.num_clients < cfg.fl.clients_per_round:
         raise ConfigError(f"config field 'fl.clients_per_round' = {cfg.fl.clients_per_round} but the data has only "
                           f"{data.num_clients} clients; lower it")
-    flat = FlatView(loaded.model)
+    stage = 1 if cfg.slora.stage1_rounds else 0
+    if stage:
+        flat = enter_stage1(loaded.model, cfg.slora.density, cfg.seed)
+    else:
+        flat = FlatView(loaded.model)
     w0 = flat.get()
     loaded.model.to(device)
-    return Setup(loaded, flat, data, w0)
+    return Setup(loaded, flat, data, w0, stage)
+
+
+def switch_to_lora(setup: Setup, cfg: CellmConfig, *, from_svd: bool) -> None:
+    """SLoRA's switch on this process's model: stage 2's trainable vector (LoRA + head) replaces stage 1's.
+
+    ``from_svd`` on the server (A and B from the SVD of stage 1's change, set into the model); clients get their
+    adapter from the download instead.
+    """
+    setup.flat = enter_stage2(setup.loaded.model, from_svd=from_svd, freeze_a=cfg.model.freeze_a)
+    setup.stage = 2
+    setup.w0 = setup.flat.get()

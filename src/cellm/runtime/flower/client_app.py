@@ -29,7 +29,7 @@ from cellm.federated.client import client_update
 from cellm.federated.server import train_spec
 from cellm.models.registry import check_assets
 from cellm.runtime.flower import protocol as P
-from cellm.runtime.setup import load_setup
+from cellm.runtime.setup import load_setup, switch_to_lora
 
 app = ClientApp()
 
@@ -109,6 +109,10 @@ def train(msg: Message, context: Context) -> Message:
     served = P.served_clients(_node_config(context), cfg.data.num_clients)
     if task.client not in served:
         raise P.ProtocolError(f"this node serves cellm clients {served}, not client {task.client}")
+    if task.stage != setup_.stage:  # SLoRA: the server has switched to LoRA; clients need no SVD, only the vector
+        if not (task.stage == 2 and setup_.stage == 1):
+            raise P.ProtocolError(f"train message is for stage {task.stage}, this node is in stage {setup_.stage}")
+        switch_to_lora(setup_, cfg, from_svd=False)
     key = P.state_key(task.client)
     st = P.read_state(context.state.array_records.get(key))
     reply, new_state = client_update(setup_.loaded.model, setup_.flat, setup_.data.clients[task.client], task,
