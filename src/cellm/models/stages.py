@@ -56,13 +56,15 @@ def enter_stage1(model: torch.nn.Module, density: float, seed: int) -> FlatView:
     return FlatView(model)
 
 
-def enter_stage2(model: torch.nn.Module, *, from_svd: bool, freeze_a: bool = False) -> FlatView:
+def enter_stage2(model: torch.nn.Module, *, from_svd: bool, freeze_a: bool = False) -> tuple[FlatView, float]:
     """Leave stage 1: drop each layer's sparse change (the base weights are as they were), make LoRA trainable.
 
     ``from_svd`` (the server, at the switch): first set each layer's A, B from the truncated SVD of its stage-1
     change, so that scaling * B @ A is its best rank-r approximation. Clients skip it: their adapter comes from
-    the download. Returns stage 2's flat view.
+    the download. Returns stage 2's flat view and the share of stage 1's change (squared Frobenius norm, over all
+    layers) that the rank-r factors keep (nan without ``from_svd``).
     """
+    kept, total = 0.0, 0.0
     for _, mod in lora_layers(model):
         base = mod.base_layer
         if not parametrize.is_parametrized(base, "weight"):
@@ -75,7 +77,9 @@ def enter_stage2(model: torch.nn.Module, *, from_svd: bool, freeze_a: bool = Fal
                 a, b = svd_lora_init(delta, a_w.shape[0], float(mod.scaling["default"]))
                 a_w.copy_(a.to(a_w.device, a_w.dtype))
                 b_w.copy_(b.to(b_w.device, b_w.dtype))
+                total += float(delta.double().square().sum())
+                kept += float((float(mod.scaling["default"]) * b.double() @ a.double()).square().sum())
         parametrize.remove_parametrizations(base, "weight", leave_parametrized=False)
         for p in _lora_params(mod):
             p.requires_grad_(not (freeze_a and p is mod.lora_A["default"].weight))
-    return FlatView(model)
+    return FlatView(model), (kept / total if total > 0 else float("nan"))

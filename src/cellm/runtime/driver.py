@@ -104,17 +104,19 @@ def metrics_row(state: ServerState, outcome: RoundOutcome | None, wall_s: float,
     return row
 
 
-def enter_next_stage(setup: Setup, state: ServerState, cfg: CellmConfig) -> None:
+def enter_next_stage(setup: Setup, state: ServerState, cfg: CellmConfig) -> float | None:
     """SLoRA's switch, once stage 1's rounds are done: the global vector becomes LoRA initialised from the SVD of
     stage 1's change (plus the head as trained), with a fresh server optimizer. Also brings a freshly loaded
-    setup (a resume) to the checkpoint's stage."""
+    setup (a resume) to the checkpoint's stage. Returns the share of stage 1's change kept, when it switched."""
     if state.stage == 2 and setup.stage == 1:  # resuming in stage 2: the checkpoint holds stage 2's vector
         switch_to_lora(setup, cfg, from_svd=False)
     elif state.stage == 1 and state.round >= cfg.slora.stage1_rounds:
         setup.flat.set(state.w)
-        switch_to_lora(setup, cfg, from_svd=True)
+        kept = switch_to_lora(setup, cfg, from_svd=True)
         state.w, state.w0 = setup.flat.get(), setup.w0.clone()
         state.opt_state, state.stage = None, 2
+        return kept
+    return None
 
 
 def play_round(state: ServerState, cfg: CellmConfig, supports: dict[int, torch.Tensor] | None,
@@ -156,8 +158,7 @@ def drive(cfg: CellmConfig, setup: Setup, runner: ClientRunner, state: ServerSta
     while state.round < cfg.rounds:
         r0 = time.perf_counter()
         runner.prepare()
-        if state.stage:
-            enter_next_stage(setup, state, cfg)
+        kept = enter_next_stage(setup, state, cfg) if state.stage else None
         scfg = stage_config(cfg, state.stage)
         outcome = play_round(state, scfg, supports, runner)
         t = state.round
@@ -168,6 +169,8 @@ def drive(cfg: CellmConfig, setup: Setup, runner: ClientRunner, state: ServerSta
         now = time.perf_counter()
         row = metrics_row(state, outcome, offset + now - t0, now - r0, ev, scfg)
         row["eval_s"] = round(now - e0, 3)
+        if kept is not None:  # the switch round: how much of stage 1's change the rank-r LoRA start keeps
+            row["svd_kept"] = round(kept, 6)
         state.metrics.append(row)
         if on_round:
             on_round(state, row)

@@ -64,12 +64,14 @@ def load_setup(cfg: CellmConfig) -> Setup:
     return Setup(loaded, flat, data, w0, stage)
 
 
-def switch_to_lora(setup: Setup, cfg: CellmConfig, *, from_svd: bool) -> None:
+def switch_to_lora(setup: Setup, cfg: CellmConfig, *, from_svd: bool) -> float:
     """SLoRA's switch on this process's model: stage 2's trainable vector (LoRA + head) replaces stage 1's.
 
     ``from_svd`` on the server (A and B from the SVD of stage 1's change, set into the model); clients get their
-    adapter from the download instead.
+    adapter from the download instead. Returns the share of stage 1's change the rank-r start keeps (nan for
+    clients).
     """
-    setup.flat = enter_stage2(setup.loaded.model, from_svd=from_svd, freeze_a=cfg.model.freeze_a)
+    setup.flat, kept = enter_stage2(setup.loaded.model, from_svd=from_svd, freeze_a=cfg.model.freeze_a)
     setup.stage = 2
     setup.w0 = setup.flat.get()
+    return kept
