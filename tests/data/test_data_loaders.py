@@ -251,7 +251,7 @@ def test_a_missing_dataset_package_raises_asset_error_naming_the_package_and_the
 def test_an_unknown_dataset_name_raises_config_error_naming_data_name_and_the_choices():
     with pytest.raises(ConfigError, match=r"data\.name.*bbc, shakespeare, chitchat.*'mnist'"):
         load_federated("mnist", RaisingTokenizer(), "x", num_clients=2, seq_len=SEQ_LEN, min_client_size=1)
-    assert tuple(DATASETS) == ("bbc", "shakespeare", "chitchat")
+    assert tuple(DATASETS) == ("bbc", "shakespeare", "chitchat", "files")
 
 
 def test_out_of_range_data_settings_raise_config_errors_naming_the_field():
