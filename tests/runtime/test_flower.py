@@ -90,6 +90,8 @@ def test_messages_carry_cellm_payloads_byte_for_byte():
     content = P.task_content(task, "d" * 64)
     # The array's data is the payload itself: what Flower counts is what cellm's ledger counts (+ the key).
     assert content.array_records[P.DOWNLOAD].count_bytes() == len(payload) + len("payload")
+    # What Flower serializes for the content: the payload, plus its envelope (records, keys, object headers)
+    assert len(payload) < P.transport_size(content) < len(payload) + 4096
     back, digest = P.read_task(content)
     assert back == task and digest == "d" * 64
     reply = ClientReply(payload=payload[:100], num_examples=12, train_loss=0.5, nonzeros=9)
@@ -202,6 +204,7 @@ MODES = {
                              'comm.codec_down="fp16"'],
     "init-relative+int4+int2": ["comm.init_relative=true", 'comm.codec_down="int4"', 'comm.codec_up="int2"',
                                 "comm.error_feedback_up=true", 'comm.download_mode="delta"'],
+    "slora-switch+ef+int4": ["slora.stage1_rounds=1", "comm.error_feedback_up=true", 'comm.codec_up="int4"'],
 }
 
 
@@ -215,6 +218,12 @@ def test_modes_on_shared_nodes_match_embedded(flower_env, mode):
     grid = LoopbackGrid([{"partition-id": 0, "num-partitions": 2}, {"cellm-clients": "1,3,5"}])
     flower = run_server(grid, cfg, None, DriverOptions(node_wait_s=5))
     assert_same_run(embedded, flower)
+    # Flower's envelope is counted beside the payload (simulated dropouts are never sent a message, so only
+    # rounds where every sampled client took part compare whole)
+    whole = [r for r in flower.metrics[1:] if not r["failed"] and not r["late"]]
+    assert whole and all(r["down_transport_bytes"] > r["down_bytes"] for r in whole)
+    if mode.startswith("slora"):
+        assert [r["stage"] for r in flower.metrics] == [1, 1, 2, 2]
     if mode == "stateful":
         assert sorted(grid.nodes[100].state.keys()) == ["cellm.client.0", "cellm.client.2", "cellm.client.4",
                                                         "cellm.config"]
@@ -251,6 +260,9 @@ def test_flower_simulation_matches_embedded(flower_env, embedded_tiny, tmp_path)
     flower = run_flower_simulation(tiny(), tmp_path / "run", num_supernodes=4, workers=2)
     assert_same_run(embedded_tiny, flower)
     assert [r["round"] for r in rf.read_metrics(tmp_path / "run")] == [0, 1, 2]
+    for row in flower.metrics[1:]:  # Flower's envelope is counted beside the payload, never instead of it
+        assert row["down_transport_bytes"] > row["down_bytes"] > 0
+        assert row["up_transport_bytes"] > row["up_bytes"] > 0
     assert (tmp_path / "run" / rf.ADAPTER / "adapter_model.safetensors").exists()
 
 

@@ -240,6 +240,7 @@ class RoundOutcome:
     train_loss: float
     applied: bool
     overhead_s: float = 0.0  # set by the runtime: coding, aggregation and server-step time of the round
+    transport: tuple[int, int] | None = None  # set by a runtime that wraps payloads: (down, up) bytes it sent
 
 
 def check_upload(payload: bytes, n: int, max_k: int | None = None) -> SparseVector:

@@ -45,7 +45,8 @@ class ClientRunner(Protocol):
 
     def run_clients(self, plan: RoundPlan, arrived: list[int]) -> tuple[dict[int, ClientReply], dict[int, str]]:
         """Run the clients in ``arrived``; return their replies and the clients lost on the way
-        ("failed" or "late"). Clients the simulated faults drop are not in ``arrived``."""
+        ("failed" or "late"). Clients the simulated faults drop are not in ``arrived``. A runtime that wraps
+        payloads in its own messages may set ``self.transport`` to the (down, up) bytes of the round's messages."""
 
 
 def evaluate_vector(setup: Setup, vec: torch.Tensor, cfg: CellmConfig) -> dict[str, float]:
@@ -92,6 +93,8 @@ def metrics_row(state: ServerState, outcome: RoundOutcome | None, wall_s: float,
         row["late"] = sum(1 for v in outcome.missing.values() if v == "late")
         row["applied"] = outcome.applied
         row["overhead_s"] = round(outcome.overhead_s, 4)
+        if outcome.transport is not None:  # the runtime's messages around the payloads (Flower)
+            row["down_transport_bytes"], row["up_transport_bytes"] = outcome.transport
     if cfg.dp.noise_multiplier > 0:
         row["epsilon"] = dp_epsilon(cfg.dp.noise_multiplier, cfg.fl.clients_per_round / cfg.data.num_clients,
                                     t, cfg.dp.delta)
@@ -133,6 +136,7 @@ def play_round(state: ServerState, cfg: CellmConfig, supports: dict[int, torch.T
     replies, lost = runner.run_clients(plan, arrived)
     t0 = time.perf_counter()
     outcome = finish_round(state, cfg, plan, replies, {**missing, **lost})
+    outcome.transport = getattr(runner, "transport", None)
     outcome.overhead_s = plan_s + (time.perf_counter() - t0) + sum(
         float(r.extra.get("codec_s", 0.0)) for r in replies.values())
     return outcome

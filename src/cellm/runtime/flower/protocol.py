@@ -223,3 +223,16 @@ def read_node(content: RecordDict) -> list[int]:
         raise ProtocolError(f"setup reply has no '{NODE}' record")
     clients = content.config_records[NODE].get("clients", [])
     return [int(c) for c in clients]
+
+
+# ------------------------------------------------------------------ what a message costs on the wire
+
+def transport_size(msg: Any) -> int:
+    """Bytes Flower serializes for ``msg`` (a Message or a RecordDict): every object of its tree (the message, its
+    records, its arrays)
+    deflated as Flower pushes them to the SuperLink, headers and metadata included. gRPC's own framing (a few
+    bytes a frame) is not counted."""
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(msg).values())
+

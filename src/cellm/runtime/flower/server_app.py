@@ -58,6 +58,7 @@ class CellmStrategy:
 
     def __init__(self, grid: Grid, cfg: CellmConfig, options: DriverOptions = DriverOptions()) -> None:
         self.grid, self.cfg, self.options = grid, cfg, options
+        self.transport: tuple[int, int] | None = None  # (down, up) bytes Flower serialized in the last round
         self.toml = cfg.to_toml()
         self.digest = P.config_digest(self.toml)
         self.client_node: dict[int, int] = {}  # cellm client id -> Flower node id
@@ -179,9 +180,13 @@ class CellmStrategy:
         self.discover(self.grid, self.options.node_wait_s)
 
     def run_clients(self, plan: RoundPlan, arrived: list[int]):
+        """Send the round's tasks, collect the uploads; ``self.transport`` = the (down, up) bytes Flower
+        serialized for every train message sent and every reply received."""
         messages = [m for m, c in zip(self.configure_train(plan, self.grid), plan.clients, strict=True)
                     if c in arrived]
-        return self.collect(plan, self.send(self.grid, messages, self.options.round_timeout_s), arrived)
+        replies = self.send(self.grid, messages, self.options.round_timeout_s)
+        self.transport = (sum(P.transport_size(m) for m in messages), sum(P.transport_size(r) for r in replies))
+        return self.collect(plan, replies, arrived)
 
 
 # ------------------------------------------------------------------ the ServerApp
