@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import logging
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass
@@ -32,8 +31,6 @@ from cellm.data.errors import DataConfigError
 from cellm.data.lm import chunk_tokens, pad_token_id, tokenize_streams
 from cellm.data.partition import stratified_split
 from cellm.data.types import FederatedData, Split
-
-log = logging.getLogger(__name__)
 
 FORMATS = ("classification", "lm", "instruction", "chat")
 PARTITIONS = ("auto", "natural", "iid", "dirichlet", "shard")
@@ -372,9 +369,7 @@ def load_files(
             clients.append(split)
             client_names.append(name)
     dropped = len(parts) - len(clients)
-    if dropped:
-        log.warning("data: dropped %d of %d clients with fewer than data.min_client_size=%d examples",
-                    dropped, len(parts), min_client_size)
+    if dropped:  # one line on stdout, as `cellm run` reports its other facts
         print(f"cellm: data: dropped {dropped} of {len(parts)} clients with fewer than "
               f"data.min_client_size={min_client_size} examples")
     if not clients and spec.format in ("instruction", "chat"):
