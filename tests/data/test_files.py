@@ -28,18 +28,39 @@ def _load(spec, tok, **kw):
     return load_files(spec, tok, **args)
 
 
-def test_instruction_rows_count_only_response_tokens_in_the_loss(own_files, tok):
+@pytest.fixture(scope="module")
+def plain(tok):
+    """The same tokenizer without a chat template."""
+    import copy
+
+    t = copy.deepcopy(tok)
+    t.chat_template = None
+    return t
+
+
+def test_instruction_rows_count_only_response_tokens_in_the_loss(own_files, plain):
+    tok = plain
     spec = FileSpec(own_files["jsonl"], prompt_column="prompt", response_column="response")
     ds = read_table(spec.path, "data.path")
     split = tokenize_rows(ds, spec, tok, 32, None, np.arange(3))
     for i in range(3):
-        prompt = tok(ds[i]["prompt"], add_special_tokens=False)["input_ids"]
+        prompt = tok(ds[i]["prompt"] + "\n", add_special_tokens=False)["input_ids"]
         response = tok(ds[i]["response"], add_special_tokens=False)["input_ids"]
         n = len(prompt) + len(response)
         assert split.input_ids[i, :n].tolist() == prompt + response
         assert (split.labels[i, :len(prompt)] == -100).all()
         assert split.labels[i, len(prompt):n].tolist() == response
         assert (split.labels[i, n:] == -100).all() and split.attention_mask[i].sum() == n
+
+
+def test_instruction_rows_go_through_the_chat_template_when_the_tokenizer_has_one(own_files, tok):
+    spec = FileSpec(own_files["jsonl"], prompt_column="prompt", response_column="response")
+    ds = read_table(spec.path, "data.path")
+    split = tokenize_rows(ds, spec, tok, 48, None, np.arange(2))
+    for i in range(2):
+        counted = tok.decode(split.labels[i][split.labels[i] != -100].tolist())
+        assert counted.startswith(ds[i]["response"]) and ds[i]["prompt"].split()[1] not in counted
+        assert "< user >" in tok.decode(split.input_ids[i][split.attention_mask[i] == 1].tolist())
 
 
 def test_chat_rows_count_only_the_assistant_turn(own_files, tok):

@@ -4,7 +4,8 @@ with Flower's partitioners (``flwr-datasets``), tokenized into the same :class:`
 Which columns are named decides the format:
 
 - ``label_column`` (with ``text_column``): classification; labels are mapped to ids in sorted order;
-- ``prompt_column`` + ``response_column``: instruction tuning; the loss counts response tokens only;
+- ``prompt_column`` + ``response_column``: instruction tuning, a user and an assistant turn of the tokenizer's chat
+  template (BOS + prompt + newline without one); the loss counts response tokens only;
 - ``messages_column``: chat rows rendered with the tokenizer's chat template; the loss counts assistant turns;
 - ``text_column`` alone: language modelling; each client's rows form one token stream cut into sequences.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import math
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass
@@ -210,9 +212,14 @@ def _segments_row(tokenizer: Any, segments: list[tuple[str, bool]], seq_len: int
 
 
 def _instruction_segments(tokenizer: Any, prompt: str, response: str) -> list[tuple[str, bool]]:
+    """A prompt/response pair as a user turn and an assistant turn of the tokenizer's chat template, as an
+    instruction-tuned model expects; without a template, BOS + prompt + newline, then response + EOS."""
+    if getattr(tokenizer, "chat_template", None):
+        return _chat_segments(tokenizer, [{"role": "user", "content": str(prompt)},
+                                          {"role": "assistant", "content": str(response)}])
     bos = tokenizer.bos_token if getattr(tokenizer, "bos_token", None) else ""
     eos = tokenizer.eos_token if getattr(tokenizer, "eos_token", None) else ""
-    return [(bos + str(prompt), False), (str(response) + eos, True)]
+    return [(bos + str(prompt) + "\n", False), (str(response) + eos, True)]
 
 
 def _chat_segments(tokenizer: Any, messages: Any) -> list[tuple[str, bool]]:
@@ -340,7 +347,9 @@ def load_files(
     total = num_clients
     if by_clients and kind != "natural":
         total = num_clients + max(1, int(round(num_clients * test_fraction / (1 - test_fraction))))
-    parts, names = _partitions(ds, spec, total, alpha=dirichlet_alpha, min_size=min_client_size, seed=seed)
+    # Dirichlet draws until every client has min_size rows; ask for enough that a held-out fraction leaves them.
+    rows_needed = min_client_size if by_clients or spec.test_path else math.ceil(min_client_size / (1 - test_fraction))
+    parts, names = _partitions(ds, spec, total, alpha=dirichlet_alpha, min_size=rows_needed, seed=seed)
 
     test_rows: list[np.ndarray] = []
     if by_clients:

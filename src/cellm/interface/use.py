@@ -19,8 +19,9 @@ from cellm.models.registry import LoadedModel, load_model, resolve_spec
 from cellm.runtime import runfolder as rf
 
 
-def load_trained(run_dir: str | Path) -> tuple[LoadedModel, list[str] | None, bool]:
-    """(base model with the run's final adapter, class names or None, whether the run trained on chat data)."""
+def load_trained(run_dir: str | Path) -> tuple[LoadedModel, list[str] | None, str]:
+    """(base model with the run's final adapter, class names or None, how prompts were rendered in training:
+    "chat" (the tokenizer's chat template), "instruction" (BOS + prompt) or "text")."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -46,7 +47,8 @@ def load_trained(run_dir: str | Path) -> tuple[LoadedModel, list[str] | None, bo
     if missing:
         raise ConfigError(f"{weights} does not fit the model its config builds ({missing[0]} is unexpected)")
     loaded.model.eval()
-    return loaded, labels, bool(cfg.data.messages_column)
+    style = "chat" if cfg.data.messages_column else ("instruction" if cfg.data.prompt_column else "text")
+    return loaded, labels, style
 
 
 @torch.no_grad()
@@ -54,21 +56,27 @@ def generate(run_dir: str | Path, prompt: str, *, max_new_tokens: int = 64, temp
              seed: int = 0) -> str:
     """The run's model's completion of ``prompt`` (greedy at temperature 0); a classifier answers its class.
 
-    A run trained on chat data gets the prompt as a user turn through the tokenizer's chat template.
+    The prompt is rendered as in training: a user turn through the chat template (chat and prompt/response data;
+    BOS + prompt + newline for prompt/response data when the tokenizer has no template), or as it is.
     """
     if max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1; got {max_new_tokens}")
     if temperature < 0:
         raise ConfigError(f"--temperature must be >= 0; got {temperature}")
-    loaded, labels, chat = load_trained(run_dir)
+    loaded, labels, style = load_trained(run_dir)
     tok, model = loaded.tokenizer, loaded.model
     if loaded.task == "classification":
         enc = tok(prompt, return_tensors="pt", truncation=True)
         k = int(model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.argmax(-1))
         return labels[k] if labels else str(k)
-    text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                   add_generation_prompt=True) if chat else prompt
-    enc = tok(text, return_tensors="pt", add_special_tokens=not chat)
+    if style == "chat" or (style == "instruction" and getattr(tok, "chat_template", None)):
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                       add_generation_prompt=True)
+    elif style == "instruction":
+        text = (tok.bos_token or "") + prompt + "\n"
+    else:
+        text = prompt
+    enc = tok(text, return_tensors="pt", add_special_tokens=style == "text")
     sample = temperature > 0
     torch.manual_seed(seed)
     out = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=max_new_tokens, do_sample=sample,
@@ -85,6 +93,12 @@ def export(run_dir: str | Path, out_dir: str | Path) -> Path:
         raise ConfigError(f"export folder {out} already exists and is not empty; choose a new one")
     loaded, labels, _ = load_trained(run_dir)
     merged = loaded.model.merge_and_unload()
+    quantizer = getattr(merged, "hf_quantizer", None)
+    if quantizer is not None and "gguf" in type(quantizer).__name__.lower():
+        # a GGUF base is de-quantized to float tensors when loaded: save those as a plain model
+        merged.hf_quantizer = None
+        if hasattr(merged.config, "quantization_config"):
+            del merged.config.quantization_config
     if labels:
         merged.config.id2label = dict(enumerate(labels))
         merged.config.label2id = {name: i for i, name in enumerate(labels)}

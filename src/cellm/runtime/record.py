@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -118,7 +119,9 @@ class RunRecorder:
         result = RunResult(cfg, self.out_dir, state.metrics, adapter, state.ledger.totals(), self.metric,
                            time.perf_counter() - self.t0)
         if self.out_dir is not None:
-            setup.loaded.model.save_pretrained(str(self.out_dir / rf.ADAPTER))
+            with warnings.catch_warnings():  # peft looks for the base's config.json, which a GGUF package lacks
+                warnings.filterwarnings("ignore", message="Could not find a config file")
+                setup.loaded.model.save_pretrained(str(self.out_dir / rf.ADAPTER))
             if setup.data.label_names:  # a classifier's class names, for `cellm generate` and `cellm export`
                 rf.atomic_write_text(self.out_dir / rf.LABELS, json.dumps(setup.data.label_names))
             rf.write_metrics(self.out_dir, state.metrics)
