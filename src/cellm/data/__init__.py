@@ -17,7 +17,7 @@ from cellm.data.bbc import load_bbc
 from cellm.data.cache import load_or_build
 from cellm.data.chitchat import load_chitchat
 from cellm.data.errors import DataConfigError
-from cellm.data.files import FileSpec, file_digest, label_names, load_files
+from cellm.data.files import FILES_FORMAT, FileSpec, file_digest, label_names, load_files
 from cellm.data.partition import subsample
 from cellm.data.shakespeare import load_shakespeare
 from cellm.data.types import FederatedData, Split
@@ -97,7 +97,8 @@ def load_federated(
     if name == "files":
         if files is None:
             raise ConfigError("config field 'data.path' is needed with data.name = 'files'")
-        fields.update(asdict(files), dirichlet_alpha=float(dirichlet_alpha), test_fraction=float(test_fraction),
+        fields.update(asdict(files), files_format=FILES_FORMAT, dirichlet_alpha=float(dirichlet_alpha),
+                      test_fraction=float(test_fraction),
                       labels=labels, path=file_digest(files.path, "data.path"),  # content, not location
                       test_path=file_digest(files.test_path, "data.test_path") if files.test_path else None)
 

@@ -39,6 +39,9 @@ PARTITIONS = ("auto", "natural", "iid", "dirichlet", "shard")
 SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 MAX_CLASSES = 1000
 ROW = "__cellm_row__"
+FILES_FORMAT = 2
+"""Part of the files' cache key: bump when rendering, tokenizing or splitting files changes (the packaged
+datasets' keys, and so their caches, stay as they are)."""
 
 
 @dataclass(frozen=True)

@@ -115,7 +115,9 @@ class RunRecorder:
         self.close()
         cfg = self.cfg
         setup.flat.set(model_weights(state, stage_config(cfg, state.stage), state.round + 1))
-        adapter = {k: v.detach().clone() for k, v in get_peft_model_state_dict(setup.loaded.model).items()}
+        with warnings.catch_warnings():  # peft looks for the base's config.json, which a GGUF package lacks
+            warnings.filterwarnings("ignore", message="Could not find a config file")
+            adapter = {k: v.detach().clone() for k, v in get_peft_model_state_dict(setup.loaded.model).items()}
         result = RunResult(cfg, self.out_dir, state.metrics, adapter, state.ledger.totals(), self.metric,
                            time.perf_counter() - self.t0)
         if self.out_dir is not None:
