@@ -101,6 +101,11 @@ def file_format(text: str, label: str, prompt: str, response: str, messages: str
 
 # ---------------------------------------------------------------- reading
 
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 def read_table(path: str, field: str) -> Any:
     """A file as an in-memory ``datasets.Dataset``; one-line errors for a missing, unknown or unreadable file."""
     import datasets
@@ -118,8 +123,7 @@ def read_table(path: str, field: str) -> Any:
             ds = datasets.load_dataset(builder, data_files=str(p), split="train", cache_dir=tmp,
                                        keep_in_memory=True)
         except Exception as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise DataConfigError(f"config field '{field}': cannot read {p} as {builder} ({first})") from None
+            raise DataConfigError(f"config field '{field}': cannot read {p} as {builder} ({_first_line(exc)})") from None
     if len(ds) == 0:
         raise DataConfigError(f"config field '{field}': {p} holds no rows")
     return ds
@@ -321,9 +325,9 @@ def _partitions(ds: Any, spec: FileSpec, n: int, *, alpha: float, min_size: int,
             warnings.simplefilter("ignore", FutureWarning)  # pyarrow's deprecation notes are not the user's concern
             rows = [np.asarray(part.load_partition(i)[ROW], dtype=np.int64) for i in range(part.num_partitions)]
     except ValueError as exc:
-        first = (str(exc).strip().splitlines() or ["?"])[0]
         raise DataConfigError(f"config field 'data.partition' = {kind!r}: flwr-datasets cannot split {len(ds)} rows "
-                              f"into {n} clients ({first}); lower data.num_clients or data.min_client_size") from None
+                              f"into {n} clients ({_first_line(exc)}); lower data.num_clients or data.min_client_size"
+                              ) from None
     if kind == "natural":
         names = [str(part.partition_id_to_natural_id[i]) for i in range(part.num_partitions)]
     else:

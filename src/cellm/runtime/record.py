@@ -6,6 +6,7 @@ ran it, and the interface layer only reads what is here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -115,14 +116,12 @@ class RunRecorder:
         self.close()
         cfg = self.cfg
         setup.flat.set(model_weights(state, stage_config(cfg, state.stage), state.round + 1))
-        with warnings.catch_warnings():  # peft looks for the base's config.json, which a GGUF package lacks
-            warnings.filterwarnings("ignore", message="Could not find a config file")
+        with _no_base_config_warning():
             adapter = {k: v.detach().clone() for k, v in get_peft_model_state_dict(setup.loaded.model).items()}
         result = RunResult(cfg, self.out_dir, state.metrics, adapter, state.ledger.totals(), self.metric,
                            time.perf_counter() - self.t0)
         if self.out_dir is not None:
-            with warnings.catch_warnings():  # peft looks for the base's config.json, which a GGUF package lacks
-                warnings.filterwarnings("ignore", message="Could not find a config file")
+            with _no_base_config_warning():
                 setup.loaded.model.save_pretrained(str(self.out_dir / rf.ADAPTER))
             if setup.data.label_names:  # a classifier's class names, for `cellm generate` and `cellm export`
                 rf.atomic_write_text(self.out_dir / rf.LABELS, json.dumps(setup.data.label_names))
@@ -132,6 +131,14 @@ class RunRecorder:
             plot_runs([(label, state.metrics)], self.metric, self.out_dir / rf.PLOT,
                       title=f"{model_label(cfg)} on {cfg.data.name}")
         return result
+
+
+@contextlib.contextmanager
+def _no_base_config_warning() -> Iterator[None]:
+    """peft looks for the base model's config.json when it reads or saves the adapter; a GGUF package has none."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Could not find a config file")
+        yield
 
 
 def summary(result: RunResult) -> dict[str, Any]:
