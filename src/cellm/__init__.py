@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "AssetError": "cellm.errors", "CellmError": "cellm.errors", "ConfigError": "cellm.errors",
     "CellmConfig": "cellm.config", "load_config": "cellm.config",
-    "RunResult": "cellm.interface.api", "run": "cellm.interface.api",
+    "RunResult": "cellm.interface.api", "run": "cellm.interface.api", "resume": "cellm.interface.api",
 }
 __all__ = sorted(_EXPORTS)
 

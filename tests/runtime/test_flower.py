@@ -43,7 +43,8 @@ def flower_env(tmp_path_factory):
     env = {"FLWR_HOME": str(home / "flwr-home"), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_TMPDIR": str(home / "ray"), "CELLM_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1",
-           "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+           "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "CELLM_NODE_STATE_DIR": str(home / "node-state")}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     (home / "ray").mkdir()
@@ -82,26 +83,52 @@ def assert_same_run(a, b) -> None:
 
 def test_messages_carry_cellm_payloads_byte_for_byte():
     from cellm.core.codec import CodecSpec
-    from cellm.federated.client import ClientReply, ClientState, ClientTask
+    from cellm.federated.client import ClientReply, ClientTask
 
     payload = bytes(range(256)) * 3
     task = ClientTask(round=4, client=7, download=payload, up_density=0.25, codec_up=CodecSpec(values="int8"),
                       download_mode="delta", client_freeze=True, error_feedback=True)
-    content = P.task_content(task, "d" * 64)
+    content = P.task_content(task, "d" * 64, checkpoint_round=2)
     # The array's data is the payload itself: what Flower counts is what cellm's ledger counts (+ the key).
     assert content.array_records[P.DOWNLOAD].count_bytes() == len(payload) + len("payload")
     # What Flower serializes for the content: the payload, plus its envelope (records, keys, object headers)
     assert len(payload) < P.transport_size(content) < len(payload) + 4096
-    back, digest = P.read_task(content)
-    assert back == task and digest == "d" * 64
+    back, digest, checkpoint_round = P.read_task(content)
+    assert back == task and digest == "d" * 64 and checkpoint_round == 2
     reply = ClientReply(payload=payload[:100], num_examples=12, train_loss=0.5, nonzeros=9)
     c, t, r = P.read_reply(P.reply_content(reply, 7, 4))
     assert (c, t) == (7, 4) and r == reply
-    st = ClientState(residual=torch.randn(50), copy=None)
-    st2 = P.read_state(P.state_record(st))
-    assert torch.equal(st2.residual, st.residual) and st2.copy is None
     with pytest.raises(P.ProtocolError):
         P.array_payload(flwr.app.Array(torch.zeros(3)))
+    text, digest, run_id = P.read_setup(P.setup_content("rounds = 2\n", "ab" * 16))
+    assert (text, run_id) == ("rounds = 2\n", "ab" * 16) and P.read_finish(P.finish_content("cd" * 16)) == "cd" * 16
+
+
+def test_node_state_replays_the_rounds_a_resumed_server_lost(tmp_path):
+    """A task for round t starts from the newest state before t; replayed rounds overwrite lost ones; files no
+    resume can need are removed."""
+    from cellm.federated.client import ClientState
+    from cellm.runtime.flower.node_state import NodeStateStore
+
+    store = NodeStateStore(tmp_path, "0123abcd" * 4)
+    states = {t: ClientState(residual=torch.randn(50), copy=torch.randn(20) if t % 2 else None) for t in range(20)}
+    files = lambda: sorted(int(p.stem.split("-")[1]) for p in (store.dir / "client-5").glob("round-*"))  # noqa: E731
+    assert store.load(5, 1).residual is None  # a client that never trained starts empty
+    store.save(5, 3, states[3], checkpoint_round=0)
+    store.save(5, 7, states[7], checkpoint_round=4)
+    got = store.load(5, 8)
+    assert torch.equal(got.residual, states[7].residual) and torch.equal(got.copy, states[7].copy)
+    assert torch.equal(store.load(5, 7).residual, states[3].residual) and store.load(5, 7).copy is not None
+    store.save(5, 12, states[12], checkpoint_round=8)
+    assert files() == [7, 12]  # round 3 can no longer be resumed into
+    # the server died after round 12 and resumed from its round-8 checkpoint: round 9 is replayed
+    store.save(5, 9, states[9], checkpoint_round=8)
+    assert files() == [7, 9] and torch.equal(store.load(5, 10).residual, states[9].residual)
+    assert store.clients() == [5]
+    store.remove()
+    assert not store.dir.exists()
+    with pytest.raises(ValueError, match="run id"):
+        NodeStateStore(tmp_path, "../../etc")
 
 
 def test_node_config_selects_clients():
@@ -224,9 +251,9 @@ def test_modes_on_shared_nodes_match_embedded(flower_env, mode):
     assert whole and all(r["down_transport_bytes"] > r["down_bytes"] for r in whole)
     if mode.startswith("slora"):
         assert [r["stage"] for r in flower.metrics] == [1, 1, 2, 2]
-    if mode == "stateful":
-        assert sorted(grid.nodes[100].state.keys()) == ["cellm.client.0", "cellm.client.2", "cellm.client.4",
-                                                        "cellm.config"]
+    if mode == "stateful":  # kept on the node's disk until the run completed, then removed
+        assert sorted(grid.nodes[100].state.keys()) == ["cellm.config"]
+        assert not any((flower_env / "node-state").glob("*/client-*"))
 
 
 def test_a_failing_node_drops_its_clients(flower_env):
@@ -250,6 +277,48 @@ def test_silent_and_misconfigured_nodes_do_not_change_the_run(flower_env, embedd
     assert_same_run(embedded_tiny, flower)
     with pytest.raises(RuntimeError, match="no connected SuperNode serves cellm clients"):
         run_server(LoopbackGrid([{"cellm-clients": "0,1"}]), tiny(), None, DriverOptions(node_wait_s=0.2))
+
+
+class CrashingGrid(LoopbackGrid):
+    """A LoopbackGrid whose ServerApp dies when it sends round ``crash_round``'s tasks (after the nodes trained the
+    rounds before it, some of which its last checkpoint does not hold)."""
+
+    def __init__(self, node_configs, crash_round: int) -> None:
+        super().__init__(node_configs)
+        self.crash_round = crash_round
+
+    def send_and_receive(self, messages, *, timeout=None):
+        if any(m.metadata.group_id == str(self.crash_round) for m in messages):
+            raise RuntimeError("the ServerApp process dies here")
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+@pytest.mark.parametrize("mode", ["stateful", "slora-switch+ef+int4"])
+def test_a_server_killed_mid_run_resumes_to_the_uninterrupted_run(flower_env, tmp_path, mode):
+    """Checkpoint after round 2, death in round 4, resume on fresh nodes (their Flower state is gone, their disk
+    is not): the same adapter, ledger and metrics as the embedded run, and the nodes' files are removed at the end."""
+    from cellm.runtime import runfolder as rf
+    from cellm.runtime.flower.server_app import DriverOptions, run_server
+
+    cfg = tiny("rounds=5", "data.num_clients=6", "fl.clients_per_round=4", "run.checkpoint_every=2", *MODES[mode])
+    embedded = cellm.run(cfg, save=False)
+    nodes = [{"partition-id": 0, "num-partitions": 2, "state-dir": str(tmp_path / "n0")},
+             {"cellm-clients": "1,3,5", "state-dir": str(tmp_path / "n1")}]
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="dies here"):
+        run_server(CrashingGrid(nodes, crash_round=4), cfg, out, DriverOptions(node_wait_s=5))
+    assert [r["round"] for r in rf.read_metrics(out)] == [0, 1, 2, 3]
+    assert int(rf.load_checkpoint(out)["server"]["round"]) == 2
+    assert any((tmp_path / "n0").glob("*/client-*/round-3.safetensors"))  # state of a round the server lost
+    with pytest.warns(UserWarning, match="restarts that state from zero"):  # the embedded engine cannot be exact
+        shutil.copytree(out, tmp_path / "copy")
+        cellm.resume(tmp_path / "copy")
+    resumed = run_server(LoopbackGrid(nodes), None, out, DriverOptions(node_wait_s=5), resume=True)
+    assert_same_run(embedded, resumed)
+    assert [r["round"] for r in rf.read_metrics(out)] == list(range(6))
+    assert not any((tmp_path / "n0").glob("*/client-*")) and not any((tmp_path / "n1").glob("*/client-*"))
+    with pytest.raises(cellm.ConfigError, match="config given differs"):
+        run_server(LoopbackGrid(nodes), tiny("rounds=7"), out, DriverOptions(node_wait_s=5), resume=True)
 
 
 def test_flower_simulation_matches_embedded(flower_env, embedded_tiny, tmp_path):

@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import tomllib
-import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from cellm.config import CellmConfig, load_config, validate
-from cellm.errors import ConfigError
-from cellm.federated.client import ClientState
 from cellm.federated.server import ServerState
 from cellm.models.evaluate import primary_metric
-from cellm.runtime import runfolder as rf
-from cellm.runtime.driver import enter_next_stage
+from cellm.runtime import checkpoint as ckpt
 from cellm.runtime.embedded import Simulator, simulate
 from cellm.runtime.record import RunRecorder, RunResult, check_new_folder, default_out_dir, new_run_folder
 from cellm.runtime.setup import Setup, load_setup
@@ -57,28 +50,16 @@ def _execute(cfg: CellmConfig, setup: Setup, out_dir: Path | None, progress: boo
     metric, _ = primary_metric(setup.loaded.task)
     rec = RunRecorder(cfg, out_dir, metric, progress)
     sim = Simulator(cfg, setup)
-    state = None
+    state, run_id = None, ckpt.new_run_id()
     if checkpoint is not None:
-        state = ServerState.from_state_dict(checkpoint["server"])
-        if state.stage == 2:  # SLoRA past its switch: w0 is the SVD start, not the seeded init; load stage 2
-            enter_next_stage(setup, state, cfg)
-        elif state.w0 is None:  # a checkpoint written before w0 was kept
-            state.w0 = setup.w0.clone()
-        elif not torch.equal(state.w0, setup.w0):
-            raise ConfigError("cannot resume: the initial adapter rebuilt from the config differs from the "
-                              "checkpoint's (another torch build or model files)")
-        sim.client_states = {int(c): ClientState(**v) for c, v in checkpoint["clients"].items()}
+        state, sim.client_states, run_id = ckpt.restore(checkpoint, setup, cfg, "embedded")
         if rec.bar is not None:
             rec.bar.n = state.round
 
     def on_round(st: ServerState, row: dict[str, Any]) -> None:
         rec.on_round(st, row)
-        every = cfg.run.checkpoint_every
-        if out_dir is not None and every and (st.round % every == 0 or st.round == cfg.rounds):
-            rf.save_checkpoint(out_dir, {
-                "format": 1, "config": cfg.to_toml(), "server": st.state_dict(),
-                "clients": {str(c): {"residual": v.residual, "copy": v.copy} for c, v in sim.client_states.items()},
-            })
+        if out_dir is not None and ckpt.due(cfg, st.round):
+            ckpt.save(out_dir, cfg, st, run_id, "embedded", sim.client_states)
 
     try:
         state = simulate(cfg, setup, state=state, on_round=on_round, sim=sim)
@@ -93,24 +74,7 @@ def resume(out: str | Path, *, progress: bool = False) -> RunResult:
     The run keeps the thread count recorded in its config.toml, whatever the environment says now.
     """
     out_dir = Path(out)
-    if not (out_dir / rf.CHECKPOINT).exists():
-        raise ConfigError(f"cannot resume: {out_dir / rf.CHECKPOINT} not found (run.checkpoint_every = 0, "
-                          "or the run stopped before its first checkpoint)")
-    cfg = load_config(out_dir / rf.CONFIG)
-    try:
-        ckpt = rf.load_checkpoint(out_dir)
-    except Exception as exc:  # a torn or foreign file: say which
-        raise ConfigError(f"cannot resume: checkpoint {out_dir / rf.CHECKPOINT} is unreadable ({exc})") from None
-    try:
-        same = load_config(data=tomllib.loads(str(ckpt.get("config")))) == cfg
-    except (ConfigError, tomllib.TOMLDecodeError):
-        same = False
-    if not same:
-        raise ConfigError(f"cannot resume: {out_dir / rf.CONFIG} differs from the config in the checkpoint")
-    if cfg.run.threads < 1:  # a folder written before run.threads existed: the best guess is this shell's
-        cfg = pin_threads(cfg)
-        warnings.warn(f"{out_dir / rf.CONFIG} records no thread count; resuming with {cfg.run.threads} torch "
-                      "threads (the resumed rounds are exact only if the run started with as many)", stacklevel=2)
+    cfg, checkpoint = ckpt.read(out_dir)
     with using_threads(cfg.run.threads):
         setup = load_setup(cfg)
-        return _execute(cfg, setup, out_dir, progress, checkpoint=ckpt)
+        return _execute(cfg, setup, out_dir, progress, checkpoint=checkpoint)

@@ -2,6 +2,7 @@
 
     cellm flower sim --preset tiny --set rounds=2 --out runs/tiny-flower    # Flower's simulation runtime (Ray)
     cellm flower run --superlink NAME --preset tiny --out /abs/run/folder     # a SuperLink with SuperNodes
+    cellm flower run --superlink NAME --resume /abs/run/folder                # continue it from its checkpoint
     cellm flower commands --tls-dir certs --keys-dir keys                    # print the deployment commands
     cellm flower certs certs/ ; cellm flower node-key keys/ node0           # TLS files, SuperNode keys
     cellm flower app-dir                                                     # the Flower app folder for flwr run
@@ -42,6 +43,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, help="Torch threads of the server and each worker when the config's "
                                                 "run.threads is 0 (default: as `cellm run` would resolve it here).")
     s.add_argument("--no-progress", action="store_true", help="No progress bar.")
+    s.add_argument("--resume", metavar="DIR", help="Continue the run in DIR from its last checkpoint.")
 
     r = fsub.add_parser("run", help="Submit the run to a SuperLink (flwr run with the resolved config).")
     add_config_args(r)
@@ -52,6 +54,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     r.add_argument("--node-wait-s", type=int, default=300,
                    help="Seconds to wait until connected SuperNodes serve every cellm client.")
     r.add_argument("--round-timeout-s", type=int, default=3600, help="Seconds before a round drops missing replies.")
+    r.add_argument("--resume", metavar="DIR",
+                   help="Continue the run in DIR (a run folder on the SuperLink machine) from its last checkpoint, "
+                        "with the config recorded there; on the same SuperNodes every mode resumes exactly.")
     r.add_argument("--no-stream", action="store_true", help="Submit and return; do not stream the run's log.")
     r.add_argument("--print", dest="print_only", action="store_true",
                    help="Write the run config file and print the flwr command instead of running it.")
@@ -89,14 +94,24 @@ def _load(args: argparse.Namespace):
     return load_config(args.config, preset=args.preset, overrides=args.overrides)
 
 
+def _check_resume_args(args: argparse.Namespace) -> None:
+    if args.config or args.preset or args.overrides or args.out:
+        raise ConfigError("--resume DIR takes the config from DIR; drop --config/--preset/--set/--out")
+
+
 def _sim(args: argparse.Namespace) -> int:
     from cellm.runtime.flower.sim import run_flower_simulation
 
-    cfg = _load(args)
-    out = Path(args.out) if args.out else default_out_dir(cfg)
-    check_new_folder(out)
+    if args.resume:
+        _check_resume_args(args)
+        cfg, out = None, Path(args.resume)
+    else:
+        cfg = _load(args)
+        out = Path(args.out) if args.out else default_out_dir(cfg)
+        check_new_folder(out)
     result = run_flower_simulation(cfg, out, num_supernodes=args.supernodes, workers=args.workers,
-                                   torch_threads=args.threads, progress=not args.no_progress)
+                                   torch_threads=args.threads, progress=not args.no_progress,
+                                   resume=bool(args.resume))
     print_summary(result, " (Flower)")
     return 0
 
@@ -104,10 +119,14 @@ def _sim(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from cellm.runtime.flower import deploy as D
 
-    cfg = _load(args)
-    out = None if args.out == "-" else Path(args.out or default_out_dir(cfg)).absolute()
+    if args.resume:  # the folder is on the SuperLink machine: the ServerApp reads and checks it there
+        _check_resume_args(args)
+        cfg_toml, out = None, Path(args.resume).absolute()
+    else:
+        cfg = _load(args)
+        cfg_toml, out = cfg.to_toml(), None if args.out == "-" else Path(args.out or default_out_dir(cfg)).absolute()
     rc_dir = Path(tempfile.mkdtemp(prefix="cellm-flower-"))
-    rc_file = D.run_config_file(rc_dir / "run-config.toml", cfg.to_toml(), out, node_wait_s=args.node_wait_s,
+    rc_file = D.run_config_file(rc_dir / "run-config.toml", cfg_toml, out, node_wait_s=args.node_wait_s,
                                 round_timeout_s=args.round_timeout_s)
     cmd = D.flwr_run_command(args.superlink, rc_file, stream=not args.no_stream)
     if args.print_only:

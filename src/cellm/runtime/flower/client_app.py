@@ -2,14 +2,17 @@
 
 Handlers
 --------
-``query`` (setup): stores the run's cellm config in ``context.state`` and answers which cellm client ids this node
-serves (its node config: ``partition-id``/``num-partitions``, or ``cellm-clients``).
+``query`` (setup): stores the run's cellm config and run id in ``context.state`` and answers which cellm client
+ids this node serves (its node config: ``partition-id``/``num-partitions``, or ``cellm-clients``).
 ``train``: decodes the task, loads model and data once per process (module cache), restores the client's state
-(error-feedback residual, delta-mode copy) from ``context.state``, calls
+(error-feedback residual, delta-mode copy) from the node's disk (:mod:`cellm.runtime.flower.node_state`), calls
 :func:`cellm.federated.client.client_update`, saves the new state, replies with the encoded upload.
+``query.finish``: the run completed; removes its client state from the node's disk.
 
 Node config keys read here (``flower-supernode --node-config '...'``): ``partition-id``, ``num-partitions``,
-``cellm-clients``, ``torch-threads`` (or env ``CELLM_TORCH_THREADS``), ``cache-dir`` (tokenized-data cache).
+``cellm-clients``, ``torch-threads`` (or env ``CELLM_TORCH_THREADS``), ``cache-dir`` (tokenized-data cache),
+``state-dir`` (or env ``CELLM_NODE_STATE_DIR``; default ``<cache dir>/node-state``: where clients' state is kept
+between rounds, and across a ServerApp restart).
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import tempfile
 import tomllib
+from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ConfigRecord, Context, Message
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from cellm.config import load_config
@@ -29,6 +34,7 @@ from cellm.federated.client import client_update
 from cellm.federated.server import train_spec
 from cellm.models.registry import check_assets
 from cellm.runtime.flower import protocol as P
+from cellm.runtime.flower.node_state import NodeStateStore
 from cellm.runtime.setup import load_setup, switch_to_lora
 
 app = ClientApp()
@@ -61,6 +67,15 @@ def _node_config(context: Context) -> dict[str, Any]:
     return dict(context.node_config)
 
 
+def _state_store(context: Context, cache_dir: str, run_id: str) -> NodeStateStore:
+    """Where this node keeps its clients' state for the run (see the module docstring for the choice)."""
+    root = context.node_config.get("state-dir") or os.environ.get("CELLM_NODE_STATE_DIR")
+    if not root:
+        base = context.node_config.get("cache-dir") or cache_dir
+        root = Path(base) / "node-state" if base else Path(tempfile.gettempdir()) / "cellm-node-state"
+    return NodeStateStore(str(root), run_id)
+
+
 def _config_and_setup(context: Context, digest: str):
 
     if P.STATE_CONFIG not in context.state.config_records:
@@ -91,11 +106,12 @@ def setup(msg: Message, context: Context) -> Message:
 
     from cellm.config import load_config
 
-    text, digest = P.read_setup(msg.content)
+    text, digest, run_id = P.read_setup(msg.content)
     cfg = load_config(data=tomllib.loads(text))
     check_assets(cfg.model.name, cfg.model.path)
     clients = P.served_clients(_node_config(context), cfg.data.num_clients)
-    context.state[P.STATE_CONFIG] = ConfigRecord({"config": text, "digest": digest})
+    _state_store(context, cfg.data.cache_dir, run_id)  # a malformed run id fails here, not in training
+    context.state[P.STATE_CONFIG] = ConfigRecord({"config": text, "digest": digest, P.RUN_ID: run_id})
     return Message(content=P.node_content(clients, _node_config(context)), reply_to=msg)
 
 
@@ -103,7 +119,7 @@ def setup(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """One cellm client's round: decode the download, train, encode the upload."""
 
-    task, digest = P.read_task(msg.content)
+    task, digest, checkpoint_round = P.read_task(msg.content)
     cfg, setup_ = _config_and_setup(context, digest)
     _threads(context, cfg.run.threads)
     served = P.served_clients(_node_config(context), cfg.data.num_clients)
@@ -113,10 +129,23 @@ def train(msg: Message, context: Context) -> Message:
         if not (task.stage == 2 and setup_.stage == 1):
             raise P.ProtocolError(f"train message is for stage {task.stage}, this node is in stage {setup_.stage}")
         switch_to_lora(setup_, cfg, from_svd=False)
-    key = P.state_key(task.client)
-    st = P.read_state(context.state.array_records.get(key))
+    store = _state_store(context, cfg.data.cache_dir, str(context.state.config_records[P.STATE_CONFIG][P.RUN_ID]))
+    st = store.load(task.client, task.round)
     reply, new_state = client_update(setup_.loaded.model, setup_.flat, setup_.data.clients[task.client], task,
                                      train_spec(cfg), st, seed=cfg.seed, w0=setup_.w0)
     if new_state.residual is not None or new_state.copy is not None:  # as the embedded Simulator keeps it
-        context.state[key] = P.state_record(new_state)
+        store.save(task.client, task.round, new_state, checkpoint_round)
     return Message(content=P.reply_content(reply, task.client, task.round), reply_to=msg)
+
+
+@app.query("finish")
+def finish(msg: Message, context: Context) -> Message:
+    """The run completed: its clients' state on this node will not be needed again."""
+
+    run_id = P.read_finish(msg.content)
+    rec = context.state.config_records.get(P.STATE_CONFIG)
+    if rec is None or rec.get(P.RUN_ID) != run_id:
+        raise P.ProtocolError(f"finish message for run {run_id[:12]}, which this node was not set up for")
+    cfg = load_config(data=tomllib.loads(str(rec["config"])))
+    _state_store(context, cfg.data.cache_dir, run_id).remove()
+    return Message(content=RecordDict(), reply_to=msg)

@@ -123,12 +123,19 @@ def supernode_command(superlink: str, runtime_port: int, node_config: str, *, ca
     return cmd
 
 
-def run_config_file(path: str | Path, cfg_toml: str, out: str | Path | None, *, node_wait_s: float | None = None,
-                    round_timeout_s: float | None = None) -> Path:
-    """The ``--run-config`` TOML that hands a resolved cellm config (and run folder) to the ServerApp."""
+def run_config_file(path: str | Path, cfg_toml: str | None, out: str | Path | None, *,
+                    node_wait_s: float | None = None, round_timeout_s: float | None = None) -> Path:
+    """The ``--run-config`` TOML that hands a resolved cellm config (and run folder) to the ServerApp; with no
+    config, a resume of the run in ``out``."""
     import tomli_w
 
-    data: dict[str, object] = {"config-toml": cfg_toml, "out": "-" if out is None else str(Path(out).absolute())}
+    if cfg_toml is None and out is None:
+        raise ValueError("a resume needs the run folder")
+    data: dict[str, object] = {"out": "-" if out is None else str(Path(out).absolute())}
+    if cfg_toml is None:
+        data["resume"] = "true"
+    else:
+        data["config-toml"] = cfg_toml
     if node_wait_s is not None:
         data["node-wait-s"] = int(node_wait_s)
     if round_timeout_s is not None:

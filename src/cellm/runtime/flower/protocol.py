@@ -9,11 +9,16 @@ raises ``TypeError`` loudly).
 
 Messages
 --------
-``query`` (setup, once per node and run): ``cellm.setup`` = ConfigRecord{config: the resolved cellm config TOML,
-digest: its sha256}. The reply's ``cellm.node`` ConfigRecord lists the cellm client ids the node serves.
+``query`` (setup, once per node and Flower run): ``cellm.setup`` = ConfigRecord{config: the resolved cellm config
+TOML, digest: its sha256, run-id: the cellm run's id, kept across a resume}. The reply's ``cellm.node``
+ConfigRecord lists the cellm client ids the node serves.
+
+``query.finish`` (once per node, when the run has completed): ``cellm.finish`` = ConfigRecord{run-id}; the node
+removes the run's client state. Empty reply.
 
 ``train`` (one per sampled client and round): ``cellm.download`` = ArrayRecord{payload}, ``cellm.task`` =
-ConfigRecord{ClientTask scalars, codec_up.<field>, config-digest}. Reply: ``cellm.upload`` = ArrayRecord{payload},
+ConfigRecord{ClientTask scalars, codec_up.<field>, config-digest, checkpoint-round: the round the server's last
+checkpoint holds}. Reply: ``cellm.upload`` = ArrayRecord{payload},
 ``cellm.reply`` = MetricRecord{num_examples, train_loss, nonzeros}, ``cellm.client`` = ConfigRecord{client, round}
 (+ ``cellm.reply-extra`` ConfigRecord for ``ClientReply.extra`` scalars).
 """
@@ -24,18 +29,17 @@ import dataclasses
 import hashlib
 from typing import Any
 
-import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from cellm.core.codec import CodecSpec
-from cellm.federated.client import ClientReply, ClientState, ClientTask
+from cellm.federated.client import ClientReply, ClientTask
 
 PAYLOAD_STYPE = "cellm.payload"  # Array.data is the raw cellm message (dtype uint8, shape (len,))
-SETUP, NODE = "cellm.setup", "cellm.node"
+SETUP, NODE, FINISH = "cellm.setup", "cellm.node", "cellm.finish"
+FINISH_TYPE = "query.finish"  # message type of the end-of-run message
 DOWNLOAD, TASK = "cellm.download", "cellm.task"
 UPLOAD, REPLY, CLIENT, REPLY_EXTRA = "cellm.upload", "cellm.reply", "cellm.client", "cellm.reply-extra"
-CONFIG_DIGEST = "config-digest"
+CONFIG_DIGEST, CHECKPOINT_ROUND, RUN_ID = "config-digest", "checkpoint-round", "run-id"
 STATE_CONFIG = "cellm.config"  # context.state key of the node's cellm config (set by the setup message)
 _SCALARS = (bool, int, float, str)
 
@@ -70,19 +74,33 @@ def config_digest(toml_text: str) -> str:
     return hashlib.sha256(toml_text.encode()).hexdigest()
 
 
-def setup_content(toml_text: str) -> RecordDict:
-    return RecordDict({SETUP: ConfigRecord({"config": toml_text, "digest": config_digest(toml_text)})})
+def setup_content(toml_text: str, run_id: str) -> RecordDict:
+    return RecordDict({SETUP: ConfigRecord({"config": toml_text, "digest": config_digest(toml_text),
+                                            RUN_ID: run_id})})
 
 
-def read_setup(content: RecordDict) -> tuple[str, str]:
-    """(config TOML, digest) from a setup message; the digest is checked."""
+def read_setup(content: RecordDict) -> tuple[str, str, str]:
+    """(config TOML, digest, run id) from a setup message; the digest is checked."""
     if SETUP not in content.config_records:
         raise ProtocolError(f"setup message has no '{SETUP}' record")
     rec = content.config_records[SETUP]
-    text, digest = rec.get("config"), rec.get("digest")
+    text, digest, run_id = rec.get("config"), rec.get("digest"), rec.get(RUN_ID)
     if not isinstance(text, str) or digest != config_digest(text):
         raise ProtocolError("setup message: config digest does not match its TOML")
-    return text, digest
+    if not isinstance(run_id, str) or not run_id:
+        raise ProtocolError(f"setup message has no '{RUN_ID}'")
+    return text, digest, run_id
+
+
+def finish_content(run_id: str) -> RecordDict:
+    return RecordDict({FINISH: ConfigRecord({RUN_ID: run_id})})
+
+
+def read_finish(content: RecordDict) -> str:
+    run_id = content.config_records[FINISH].get(RUN_ID) if FINISH in content.config_records else None
+    if not isinstance(run_id, str) or not run_id:
+        raise ProtocolError(f"finish message has no '{FINISH}' record with a '{RUN_ID}'")
+    return run_id
 
 
 # ------------------------------------------------------------------ task
@@ -93,7 +111,7 @@ def _put_scalar(rec: ConfigRecord, key: str, value: Any, what: str) -> None:
     rec[key] = value
 
 
-def task_content(task: ClientTask, digest: str) -> RecordDict:
+def task_content(task: ClientTask, digest: str, checkpoint_round: int = 0) -> RecordDict:
     rec = ConfigRecord()
     for f in dataclasses.fields(ClientTask):
         value = getattr(task, f.name)
@@ -105,11 +123,12 @@ def task_content(task: ClientTask, digest: str) -> RecordDict:
         else:
             _put_scalar(rec, f.name, value, "ClientTask")
     rec[CONFIG_DIGEST] = digest
+    rec[CHECKPOINT_ROUND] = int(checkpoint_round)
     return RecordDict({DOWNLOAD: ArrayRecord({"payload": payload_array(task.download)}), TASK: rec})
 
 
-def read_task(content: RecordDict) -> tuple[ClientTask, str]:
-    """(ClientTask, config digest) from a train message."""
+def read_task(content: RecordDict) -> tuple[ClientTask, str, int]:
+    """(ClientTask, config digest, the round of the server's last checkpoint) from a train message."""
     if TASK not in content.config_records:
         raise ProtocolError(f"train message has no '{TASK}' record")
     rec = content.config_records[TASK]
@@ -130,7 +149,10 @@ def read_task(content: RecordDict) -> tuple[ClientTask, str]:
     digest = rec.get(CONFIG_DIGEST)
     if not isinstance(digest, str):
         raise ProtocolError("train message has no config digest")
-    return task, digest
+    checkpoint_round = rec.get(CHECKPOINT_ROUND, 0)
+    if not isinstance(checkpoint_round, int) or isinstance(checkpoint_round, bool) or checkpoint_round < 0:
+        raise ProtocolError(f"train message: {CHECKPOINT_ROUND} must be an int >= 0, got {checkpoint_round!r}")
+    return task, digest, checkpoint_round
 
 
 # ------------------------------------------------------------------ reply
@@ -157,33 +179,6 @@ def read_reply(content: RecordDict) -> tuple[int, int, ClientReply]:
     reply = ClientReply(payload=_payload_of(content, UPLOAD), num_examples=int(m["num_examples"]),
                         train_loss=float(m["train_loss"]), nonzeros=int(m["nonzeros"]), extra=extra)
     return int(who["client"]), int(who["round"]), reply
-
-
-# ------------------------------------------------------------------ client state (kept in context.state)
-
-def state_key(client: int) -> str:
-    return f"cellm.client.{client}"
-
-
-def state_record(st: ClientState) -> ArrayRecord:
-    """The tensors a client keeps between rounds (error-feedback residual, delta-mode copy), bit-exact."""
-    arrays = {}
-    for f in dataclasses.fields(ClientState):
-        value = getattr(st, f.name)
-        if value is None:
-            continue
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"ClientState.{f.name} is {type(value).__name__}; only tensors are kept")
-        arrays[f.name] = Array(value.detach().cpu().contiguous().numpy())
-    return ArrayRecord(arrays)
-
-
-def read_state(rec: ArrayRecord | None) -> ClientState:
-    if rec is None:
-        return ClientState()
-    names = {f.name for f in dataclasses.fields(ClientState)}
-    return ClientState(**{k: torch.from_numpy(np.array(v.numpy(), copy=True)) for k, v in rec.items()
-                          if k in names})
 
 
 # ------------------------------------------------------------------ node -> cellm clients

@@ -15,8 +15,15 @@ node's tasks one at a time ("waves"), so a node's ``context.state`` is never upd
 Run config (``[tool.flwr.app.config]``, override with ``flwr run ... --run-config``): ``config-toml`` (the whole
 cellm config inline, what ``cellm flower run`` sends), or ``config`` (a TOML path on the SuperLink machine) and/or
 ``preset``, plus ``set`` (``;``-separated key=value overrides); ``out`` (run folder on the SuperLink machine; ""
-= runs/<model>-<data>-<time> under the ServerApp's working directory; "-" = none); ``node-wait-s`` (how long to wait
-until every cellm client is served by a connected node); ``round-timeout-s``.
+= runs/<model>-<data>-<time> under the ServerApp's working directory; "-" = none); ``resume`` (true: continue the
+run in ``out`` from its checkpoint, with the config recorded there; no config keys then); ``node-wait-s`` (how long
+to wait until every cellm client is served by a connected node); ``round-timeout-s``.
+
+Checkpoints and resume: the ServerApp writes the same atomic checkpoint as ``cellm run`` (every
+``run.checkpoint_every`` rounds) into the run folder. The clients' own state (error-feedback residuals, delta-mode
+copies) is not in it: each node keeps its clients' state on its disk per round
+(:mod:`cellm.runtime.flower.node_state`), keyed by the run id that the checkpoint carries, so a resumed run on the
+same nodes is exact in every mode.
 """
 
 from __future__ import annotations
@@ -34,8 +41,10 @@ from flwr.app import Context, Message, MessageType
 from flwr.serverapp import Grid, ServerApp
 
 from cellm.config import CellmConfig, load_config
+from cellm.errors import ConfigError
 from cellm.federated.server import RoundPlan, ServerState
 from cellm.models.evaluate import primary_metric
+from cellm.runtime import checkpoint as ckpt
 from cellm.runtime.driver import drive
 from cellm.runtime.flower import protocol as P
 from cellm.runtime.record import RunRecorder, check_new_folder, default_out_dir, new_run_folder, summary
@@ -56,8 +65,11 @@ class DriverOptions:
 class CellmStrategy:
     """Drives cellm rounds over a Flower Grid; all round logic is :mod:`cellm.federated.server`."""
 
-    def __init__(self, grid: Grid, cfg: CellmConfig, options: DriverOptions = DriverOptions()) -> None:
+    def __init__(self, grid: Grid, cfg: CellmConfig, options: DriverOptions = DriverOptions(),
+                 run_id: str | None = None, checkpoint_round: int = 0) -> None:
         self.grid, self.cfg, self.options = grid, cfg, options
+        self.run_id = run_id or ckpt.new_run_id()  # names this run's client state on the nodes, across resumes
+        self.checkpoint_round = checkpoint_round  # the round of the last checkpoint written (0: none)
         self.transport: tuple[int, int] | None = None  # (down, up) bytes Flower serialized in the last round
         self.toml = cfg.to_toml()
         self.digest = P.config_digest(self.toml)
@@ -82,7 +94,7 @@ class CellmStrategy:
         while True:
             new = sorted(set(grid.get_node_ids()) - self.asked)
             if new:
-                msgs = [Message(P.setup_content(self.toml), dst_node_id=n, message_type=MessageType.QUERY,
+                msgs = [Message(P.setup_content(self.toml, self.run_id), dst_node_id=n, message_type=MessageType.QUERY,
                                 group_id="setup") for n in new]
                 for msg_id, n in zip(grid.push_messages(msgs), new, strict=True):
                     self.pending[msg_id] = n
@@ -124,8 +136,10 @@ class CellmStrategy:
     # -------------------------------------------------------------- one round
 
     def configure_train(self, plan, grid: Grid) -> list[Message]:
-        """One ``train`` Message per sampled client, to the node that serves it."""
-        return [Message(P.task_content(plan.tasks[c], self.digest), dst_node_id=self.client_node[c],
+        """One ``train`` Message per sampled client, to the node that serves it. Each says from which round a
+        resume could replay: without checkpoints, none (nodes keep only the newest state before this round)."""
+        keep = self.checkpoint_round if self.cfg.run.checkpoint_every else plan.round - 1
+        return [Message(P.task_content(plan.tasks[c], self.digest, keep), dst_node_id=self.client_node[c],
                         message_type=MessageType.TRAIN, group_id=str(plan.round)) for c in plan.clients]
 
     def send(self, grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
@@ -188,17 +202,48 @@ class CellmStrategy:
         self.transport = (sum(P.transport_size(m) for m in messages), sum(P.transport_size(r) for r in replies))
         return self.collect(plan, replies, arrived)
 
+    def finish(self, timeout: float = 30.0) -> None:
+        """Tell every node that served this run that it completed, so it drops the run's client state; a node
+        that does not answer in ``timeout`` keeps its files (the run's result does not depend on it)."""
+        nodes = sorted(self.node_clients)
+        msgs = [Message(P.finish_content(self.run_id), dst_node_id=n, message_type=P.FINISH_TYPE, group_id="finish")
+                for n in nodes]
+        replies = self.grid.send_and_receive(msgs, timeout=timeout) if msgs else []
+        bad = [r.metadata.src_node_id for r in replies if r.has_error()]
+        if len(replies) < len(msgs) or bad:
+            log.warning("run finished, but %d of %d nodes did not confirm removing its client state (errors from %s)",
+                        len(msgs) - len(replies) + len(bad), len(msgs), bad)
+
 
 # ------------------------------------------------------------------ the ServerApp
 
-def run_server(grid: Grid, cfg: CellmConfig, out: str | Path | None, options: DriverOptions = DriverOptions()):
-    """Run a cellm job over ``grid``; with ``out`` write the run folder. Returns a RunResult."""
+def run_server(grid: Grid, cfg: CellmConfig | None, out: str | Path | None,
+               options: DriverOptions = DriverOptions(), *, resume: bool = False):
+    """Run a cellm job over ``grid``; with ``out`` write the run folder (and checkpoints). With ``resume``,
+    continue the run in ``out`` from its checkpoint, with the config recorded there (``cfg`` must be None or the
+    same). Returns a RunResult."""
     out_dir = Path(out) if out is not None else None
-    check_new_folder(out_dir)
+    checkpoint = None
+    if resume:
+        if out_dir is None:
+            raise ConfigError("resume needs the run folder (out) that holds the checkpoint")
+        saved, checkpoint = ckpt.read(out_dir)
+        if cfg is not None and pin_threads(cfg) != saved:
+            raise ConfigError(f"cannot resume: the config given differs from {out_dir / 'config.toml'}")
+        cfg = saved
+        if checkpoint.get("clients"):
+            raise ConfigError(f"cannot resume {out_dir} on Flower: its checkpoint holds client state from an "
+                              "embedded run; resume it with `cellm resume`")
+    else:
+        if cfg is None:
+            raise ConfigError("a new run needs a config")
+        check_new_folder(out_dir)
     cfg = pin_threads(cfg)  # the nodes get the resolved count with the config
     log.info("torch threads: %d (run.threads)", cfg.run.threads)
     with using_threads(cfg.run.threads):
-        strategy = CellmStrategy(grid, cfg, options)
+        resumed_round = 0 if checkpoint is None else int(checkpoint["server"]["round"])
+        strategy = CellmStrategy(grid, cfg, options, run_id=None if checkpoint is None else checkpoint.get("run_id"),
+                                 checkpoint_round=resumed_round)
         # Load the server's model and data while the nodes answer the setup message (each answer starts a process).
         with ThreadPoolExecutor(max_workers=1) as pool:
             loading = pool.submit(load_setup, cfg)
@@ -206,32 +251,50 @@ def run_server(grid: Grid, cfg: CellmConfig, out: str | Path | None, options: Dr
                 strategy.discover(grid, options.node_wait_s)
             finally:
                 setup = loading.result()
-        with new_run_folder(out_dir, cfg):
+        state = None
+        if checkpoint is not None:
+            state, _, _ = ckpt.restore(checkpoint, setup, cfg, "flower")
+            log.info("resuming %s after round %d (run %s)", out_dir, state.round, strategy.run_id[:12])
+        with new_run_folder(None if resume else out_dir, cfg):
             if out_dir is not None:
                 log.info("run folder: %s", out_dir.resolve())
             metric, _ = primary_metric(setup.loaded.task)
             rec = RunRecorder(cfg, out_dir, metric, options.progress)
 
-            def on_round(state: ServerState, row: dict[str, Any]) -> None:
+            def on_round(st: ServerState, row: dict[str, Any]) -> None:
                 if row["round"] > 0:
                     loss = row.get("train_loss")
                     log.info("round %d/%d: clients %s, %s bytes so far, loss %s, eval %s, %.1f s", row["round"],
                              cfg.rounds, row.get("clients"), row.get("cum_bytes"),
                              "-" if loss is None else f"{loss:.4f}", row.get("eval"), row["round_s"])
-                rec.on_round(state, row)
+                rec.on_round(st, row)
+                if out_dir is not None and ckpt.due(cfg, st.round):
+                    ckpt.save(out_dir, cfg, st, strategy.run_id, "flower")
+                    strategy.checkpoint_round = st.round
 
             try:
-                state = drive(cfg, setup, strategy, on_round=on_round)
+                state = drive(cfg, setup, strategy, state=state, on_round=on_round)
             finally:
                 rec.close()
-            return rec.finish(state, setup)
+            result = rec.finish(state, setup)
+        strategy.finish()
+        return result
 
 
-def config_from_run_config(run_config: dict[str, Any]) -> tuple[CellmConfig, Path | None, DriverOptions]:
-    """The cellm config, run folder and driver options from a Flower run config (see the module docstring)."""
+def config_from_run_config(run_config: dict[str, Any]) -> tuple[CellmConfig | None, Path | None, DriverOptions]:
+    """The cellm config, run folder and driver options from a Flower run config (see the module docstring).
+    The config is None for a resume (it is read from the run folder)."""
 
     overrides = [s.strip() for s in str(run_config.get("set", "")).split(";") if s.strip()]
     inline = str(run_config.get("config-toml", ""))
+    if _resume_flag(run_config):
+        out_s = str(run_config.get("out", ""))
+        if out_s in ("", "-"):
+            raise ConfigError("run config: resume = true needs out = the run folder to continue")
+        if inline.strip() or overrides or str(run_config.get("config", "")) or str(run_config.get("preset", "")):
+            raise ConfigError("run config: resume = true takes the config from the run folder; "
+                              "leave config-toml, config, preset and set empty")
+        return None, Path(out_s).absolute(), _options(run_config)
     if inline.strip():
         cfg = load_config(data=tomllib.loads(inline), overrides=overrides)
     else:
@@ -240,9 +303,21 @@ def config_from_run_config(run_config: dict[str, Any]) -> tuple[CellmConfig, Pat
         cfg = load_config(path, preset=preset, overrides=overrides)
     out_s = str(run_config.get("out", ""))
     out = None if out_s == "-" else (Path(out_s) if out_s else default_out_dir(cfg)).absolute()
-    opts = DriverOptions(node_wait_s=float(run_config.get("node-wait-s", 300)),
+    return cfg, out, _options(run_config)
+
+
+def _resume_flag(run_config: dict[str, Any]) -> bool:
+    raw = run_config.get("resume", False)
+    if isinstance(raw, str):
+        if raw.strip().lower() not in ("", "true", "false"):
+            raise ConfigError(f"run config: resume must be true or false, got {raw!r}")
+        return raw.strip().lower() == "true"
+    return bool(raw)
+
+
+def _options(run_config: dict[str, Any]) -> DriverOptions:
+    return DriverOptions(node_wait_s=float(run_config.get("node-wait-s", 300)),
                          round_timeout_s=float(run_config.get("round-timeout-s", 3600)))
-    return cfg, out, opts
 
 
 def _log_summary(result) -> None:
@@ -269,19 +344,20 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Deployment / ``flwr run`` entry: everything comes from the run config."""
     _setup_logging()
-    cfg, out, opts = config_from_run_config(dict(context.run_config))
-    _log_summary(run_server(grid, cfg, out, opts))
+    run_config = dict(context.run_config)
+    cfg, out, opts = config_from_run_config(run_config)
+    _log_summary(run_server(grid, cfg, out, opts, resume=_resume_flag(run_config)))
 
 
-def make_server_app(cfg: CellmConfig, out: str | Path | None, options: DriverOptions = DriverOptions(),
-                    results: list | None = None) -> ServerApp:
+def make_server_app(cfg: CellmConfig | None, out: str | Path | None, options: DriverOptions = DriverOptions(),
+                    results: list | None = None, resume: bool = False) -> ServerApp:
     """A ServerApp bound to ``cfg`` (for in-process simulation); the RunResult is appended to ``results``."""
     sapp = ServerApp()
 
     @sapp.main()
     def _main(grid: Grid, context: Context) -> None:
         _setup_logging()
-        result = run_server(grid, cfg, out, options)
+        result = run_server(grid, cfg, out, options, resume=resume)
         if results is not None:
             results.append(result)
         _log_summary(result)

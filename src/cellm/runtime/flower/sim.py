@@ -12,20 +12,29 @@ import os
 from pathlib import Path
 
 from cellm.config import CellmConfig
+from cellm.runtime import checkpoint as ckpt
 from cellm.runtime.flower.server_app import DriverOptions, make_server_app
 from cellm.runtime.threads import pin_threads
 
 
-def run_flower_simulation(cfg: CellmConfig, out: str | Path | None = None, *, num_supernodes: int | None = None,
-                          workers: int | None = None, torch_threads: int | None = None, progress: bool = False,
-                          verbose: bool = False, options: DriverOptions | None = None):
-    """Run ``cfg`` on Flower's simulation runtime; returns the same RunResult as :func:`cellm.run`.
+def run_flower_simulation(cfg: CellmConfig | None, out: str | Path | None = None, *,
+                          num_supernodes: int | None = None, workers: int | None = None,
+                          torch_threads: int | None = None, progress: bool = False, verbose: bool = False,
+                          options: DriverOptions | None = None, resume: bool = False):
+    """Run ``cfg`` on Flower's simulation runtime; returns the same RunResult as :func:`cellm.run`. With
+    ``resume`` (and ``cfg`` None), continue the run in ``out`` from its checkpoint.
 
     ``workers``: Ray actors training in parallel (each loads the model once); default min(clients per round,
     CPUs). ``num_supernodes``: virtual SuperNodes (default: one per cellm client). ``torch_threads``: sets
     ``run.threads`` when the config leaves it at 0; it is resolved here as ``cellm.run`` would resolve it, and the
     server and every worker's ClientApp train and evaluate with that count (bit-identical results need it).
     """
+    if resume:
+        if cfg is not None or out is None:
+            raise ValueError("a resume takes the run folder (out) and no config")
+        cfg, _ = ckpt.read(Path(out))  # checked here, before Ray starts
+    elif cfg is None:
+        raise ValueError("a new run needs a config")
     if torch_threads and cfg.run.threads == 0:
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, threads=torch_threads))
     cfg = pin_threads(cfg)
@@ -40,7 +49,7 @@ def run_flower_simulation(cfg: CellmConfig, out: str | Path | None = None, *, nu
     w = workers or max(1, min(cfg.fl.clients_per_round, os.cpu_count() or 1))
     results: list = []
     opts = options or DriverOptions(node_wait_s=120.0, progress=progress)
-    server_app = make_server_app(cfg, out, opts, results)
+    server_app = make_server_app(None if resume else cfg, out, opts, results, resume=resume)
     backend = {"init_args": {"num_cpus": w, "num_gpus": 0}, "client_resources": {"num_cpus": 1, "num_gpus": 0}}
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n, backend_config=backend,
                    verbose_logging=verbose)
