@@ -279,6 +279,56 @@ def test_silent_and_misconfigured_nodes_do_not_change_the_run(flower_env, embedd
         run_server(LoopbackGrid([{"cellm-clients": "0,1"}]), tiny(), None, DriverOptions(node_wait_s=0.2))
 
 
+class DyingNodeGrid(LoopbackGrid):
+    """Node 101 dies while its round-2 task is in flight (Flower answers it with an error), is offline in round
+    3, and comes back for round 4 as a new node: a new id, empty Flower state, the same disk."""
+
+    def __init__(self, node_configs):
+        super().__init__(node_configs)
+        self.round, self.dead = 0, False
+
+    def get_node_ids(self):
+        if self.dead and self.round >= 3:  # restarted after round 3
+            from flwr.app import Context, RecordDict
+
+            self.nodes[102] = Context(run_id=1, node_id=102, node_config=self.nodes[101].node_config,
+                                      state=RecordDict(), run_config={})
+            del self.nodes[101]
+            self.dead = False
+        return [n for n in self.nodes if not (self.dead and n == 101)]
+
+    def push_messages(self, messages):
+        from flwr.app import Error, Message
+
+        alive = []
+        for m in messages:
+            if m.metadata.message_type == "train":
+                self.round = int(m.metadata.group_id)
+                if self.round == 2 and m.metadata.dst_node_id == 101:
+                    self.dead = True
+            if self.dead and m.metadata.dst_node_id == 101:
+                m.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+                self.replies[m.metadata.message_id] = Message(Error(code=5, reason="node_unavail"), reply_to=m)
+            else:
+                alive.append(m)
+        return [m.metadata.message_id for m in messages if m not in alive] + super().push_messages(alive)
+
+
+def test_a_node_that_dies_is_left_out_until_it_comes_back(flower_env, tmp_path):
+    """Its clients in flight count as failed, the next round samples only the survivors' clients, and once the
+    node is back (new id, same disk) its clients are sampled and trained again, error feedback included."""
+    from cellm.runtime.flower.server_app import DriverOptions, run_server
+
+    cfg = tiny("rounds=5", "data.num_clients=6", "fl.clients_per_round=4", *MODES["stateful"])
+    grid = DyingNodeGrid([{"partition-id": 0, "num-partitions": 2}, {"partition-id": 1, "num-partitions": 2}])
+    rows = run_server(grid, cfg, None, DriverOptions(node_wait_s=5, poll_s=0.05)).metrics[1:]
+    odd = [[c for c in r["clients"] if c % 2] for r in rows]
+    assert rows[1]["failed"] == len(odd[1]) > 0 and rows[1]["applied"]
+    assert rows[2]["clients"] == [0, 2, 4] and rows[2]["failed"] == 0 and rows[2]["accepted"] == 3
+    assert all(r["accepted"] == 4 and not r["failed"] for r in rows[3:]) and any(odd[3:])
+    assert 102 in grid.nodes and 101 not in grid.nodes
+
+
 class CrashingGrid(LoopbackGrid):
     """A LoopbackGrid whose ServerApp dies when it sends round ``crash_round``'s tasks (after the nodes trained the
     rounds before it, some of which its last checkpoint does not hold)."""

@@ -13,7 +13,12 @@ def derive(seed: int, round_: int, client: int, stream: int) -> int:
     return int(ss.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
-def sample_clients(seed: int, round_: int, num_clients: int, per_round: int) -> list[int]:
-    """``per_round`` distinct clients, uniformly at random, sorted."""
+def sample_clients(seed: int, round_: int, num_clients: int, per_round: int,
+                   available: list[int] | None = None) -> list[int]:
+    """``per_round`` distinct clients, uniformly at random, sorted. With ``available`` (the clients a runtime can
+    reach this round, when not all), as many as it can of those; with all available, the same draw as without."""
     rng = np.random.default_rng(derive(seed, round_, -1, SAMPLING))
-    return sorted(int(c) for c in rng.choice(num_clients, size=per_round, replace=False))
+    if available is None or len(set(available)) == num_clients:
+        return sorted(int(c) for c in rng.choice(num_clients, size=per_round, replace=False))
+    pool = np.array(sorted(set(available)), dtype=np.int64)
+    return sorted(int(c) for c in rng.choice(pool, size=min(per_round, len(pool)), replace=False))

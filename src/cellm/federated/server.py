@@ -195,15 +195,16 @@ class RoundPlan:
     tasks: dict[int, ClientTask]
 
 
-def plan_round(state: ServerState, cfg: CellmConfig,
-               supports: dict[int, torch.Tensor] | None = None) -> RoundPlan:
+def plan_round(state: ServerState, cfg: CellmConfig, supports: dict[int, torch.Tensor] | None = None,
+               available: list[int] | None = None) -> RoundPlan:
     """Sample clients and build each one's encoded download; the ledger counts every download sent.
 
     ``supports`` maps a rank tier to its boolean support over the flat vector (hetero.mode = "rank").
+    ``available``: the clients the runtime can reach this round (None: all), the only ones sampled.
     """
     t = state.round + 1
     d_down, d_up = densities(cfg, t)
-    clients = sample_clients(cfg.seed, t, cfg.data.num_clients, cfg.fl.clients_per_round)
+    clients = sample_clients(cfg.seed, t, cfg.data.num_clients, cfg.fl.clients_per_round, available)
     spec_down, spec_up = codec_spec(cfg, "down"), codec_spec(cfg, "up")
     tasks: dict[int, ClientTask] = {}
     shared: dict[int | None, tuple[bytes, int, bool]] = {}  # weights mode: one payload per tier

@@ -43,6 +43,9 @@ class ClientRunner(Protocol):
     def prepare(self) -> None:
         """Called before each round (Flower: set up SuperNodes that joined since)."""
 
+    def available_clients(self) -> list[int] | None:
+        """The clients that can be reached this round (None: all of them); only these are sampled."""
+
     def run_clients(self, plan: RoundPlan, arrived: list[int]) -> tuple[dict[int, ClientReply], dict[int, str]]:
         """Run the clients in ``arrived``; return their replies and the clients lost on the way
         ("failed" or "late"). Clients the simulated faults drop are not in ``arrived``. A runtime that wraps
@@ -127,7 +130,7 @@ def play_round(state: ServerState, cfg: CellmConfig, supports: dict[int, torch.T
     """One round with ``runner`` executing the clients; ``overhead_s`` is the time in masks, coding, decoding,
     aggregation and the server step (not training, not evaluation). ``cfg`` is the round's stage config."""
     t0 = time.perf_counter()
-    plan = plan_round(state, cfg, supports)
+    plan = plan_round(state, cfg, supports, runner.available_clients())
     plan_s = time.perf_counter() - t0
     fa = cfg.faults  # simulated faults, derived from (seed, round, client): the same in every runtime
     arrived, failed, late = arrivals(cfg.seed, plan.round, plan.clients, fa.failure_prob, fa.deadline_s,

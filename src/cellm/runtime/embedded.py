@@ -26,6 +26,10 @@ class Simulator:
     def prepare(self) -> None:
         """Nothing to set up: every client lives in this process."""
 
+    def available_clients(self) -> None:
+        """Every client is always reachable (simulated faults happen after sampling)."""
+        return None
+
     def run_clients(self, plan: RoundPlan, arrived: list[int]) -> tuple[dict[int, ClientReply], dict[int, str]]:
         """Train the clients that will reply in time. Failed and late clients do no work here, so their kept
         state (residuals) does not move: in effect their round never happened."""

@@ -79,7 +79,7 @@ def _state_store(context: Context, cache_dir: str, run_id: str) -> NodeStateStor
 def _config_and_setup(context: Context, digest: str):
 
     if P.STATE_CONFIG not in context.state.config_records:
-        raise P.ProtocolError("this node got a train message before the run's setup message")
+        raise P.ProtocolError(f"this node got a {P.NOT_SET_UP}")
     rec = context.state.config_records[P.STATE_CONFIG]
     if rec.get("digest") != digest:
         raise P.ProtocolError(f"train message is for config {digest[:12]} but this node was set up with "

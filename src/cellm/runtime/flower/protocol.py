@@ -40,6 +40,7 @@ FINISH_TYPE = "query.finish"  # message type of the end-of-run message
 DOWNLOAD, TASK = "cellm.download", "cellm.task"
 UPLOAD, REPLY, CLIENT, REPLY_EXTRA = "cellm.upload", "cellm.reply", "cellm.client", "cellm.reply-extra"
 CONFIG_DIGEST, CHECKPOINT_ROUND, RUN_ID = "config-digest", "checkpoint-round", "run-id"
+NOT_SET_UP = "train message before the run's setup message"  # a node that lost its setup (restarted) says so
 STATE_CONFIG = "cellm.config"  # context.state key of the node's cellm config (set by the setup message)
 _SCALARS = (bool, int, float, str)
 

@@ -78,14 +78,16 @@ class CellmStrategy:
         self.bad_nodes: dict[int, str] = {}
         self.asked: set[int] = set()  # nodes sent the setup message
         self.pending: dict[str, int] = {}  # setup message id -> node, not answered yet
+        self.started = False  # every client was served once (the first round may start)
 
     # -------------------------------------------------------------- nodes
 
     def missing_clients(self) -> list[int]:
         return [c for c in range(self.cfg.data.num_clients) if c not in self.client_node]
 
-    def discover(self, grid: Grid, wait_s: float) -> None:
-        """Send the setup message to every node not asked yet; return once every cellm client has a node.
+    def discover(self, grid: Grid, wait_s: float, require_all: bool = True) -> None:
+        """Send the setup message to every node not asked yet; return once every cellm client has a node (at
+        once with ``require_all`` False, after collecting the replies that have come).
 
         Replies are collected without blocking on silent nodes, so a dead node costs nothing once the clients
         are covered; a node that joins later is set up at the next round.
@@ -104,7 +106,7 @@ class CellmStrategy:
                     self.pending.pop(reply.metadata.reply_to_message_id, None)
                     self._node_answered(reply)
             missing = self.missing_clients()
-            if not missing:
+            if not missing or not require_all:
                 return
             if time.monotonic() >= deadline:
                 raise RuntimeError(
@@ -169,6 +171,8 @@ class CellmStrategy:
             if msg.has_error():
                 log.error("round %d: node %s failed: %s", plan.round, node, msg.error.reason)
                 node_failed.add(node)
+                if P.NOT_SET_UP in msg.error.reason:  # restarted under the same id: set it up again next round
+                    self.asked.discard(node)
                 continue
             try:
                 client, round_, reply = P.read_reply(msg.content)
@@ -190,8 +194,38 @@ class CellmStrategy:
     # -------------------------------------------------------------- the driver's ClientRunner
 
     def prepare(self) -> None:
-        """Before each round: set up nodes that joined, and wait until every cellm client is served."""
-        self.discover(self.grid, self.options.node_wait_s)
+        """Before each round: set up nodes that joined (or came back), and note which nodes are offline.
+
+        Before the first round every cellm client must be served (waiting up to ``node_wait_s``); later, clients
+        whose node is offline are simply not sampled until a node serves them again, and the run waits only when
+        no client at all can be reached."""
+        if not self.started:
+            self.discover(self.grid, self.options.node_wait_s)
+            self.started = True
+        deadline = time.monotonic() + self.options.node_wait_s
+        while True:
+            self.discover(self.grid, 0.0, require_all=False)
+            online = set(self.grid.get_node_ids())
+            gone = sorted(n for n in self.node_clients if n not in online)
+            for n in gone:
+                self.asked.discard(n)  # if it comes back under the same id, it is set up again
+                clients = self.node_clients.pop(n)
+                for c in clients:
+                    if self.client_node.get(c) == n:
+                        del self.client_node[c]
+                log.warning("node %s is offline: its clients %s are not sampled until a node serves them again",
+                            n, clients)
+            if self.client_node:
+                return
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"no connected SuperNode serves any cellm client after {self.options.node_wait_s:.0f} s")
+            time.sleep(self.options.poll_s)
+
+    def available_clients(self) -> list[int] | None:
+        """The clients served by an online node (None when that is all of them)."""
+        if len(self.client_node) == self.cfg.data.num_clients:
+            return None
+        return sorted(self.client_node)
 
     def run_clients(self, plan: RoundPlan, arrived: list[int]):
         """Send the round's tasks, collect the uploads; ``self.transport`` = the (down, up) bytes Flower
