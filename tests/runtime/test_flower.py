@@ -594,3 +594,115 @@ def test_loopback_deployment_tls_and_node_auth(flower_env, embedded_tiny, tmp_pa
         procs.stop()
         shutil.rmtree(tmp_path / "keys", ignore_errors=True)
 
+
+
+# ------------------------------------------------------------------ loopback deployment: processes that die
+
+# flower-supernode with Flower's heartbeat at 10 s instead of 30 s (the smallest it allows), so the SuperLink sees
+# a killed node offline after 20 s instead of 60 s. Nothing else differs from the installed flower-supernode.
+FAST_HEARTBEAT_SUPERNODE = """
+import sys
+import flwr.common.constant as k
+k.HEARTBEAT_DEFAULT_INTERVAL = 10
+from flwr.supernode.cli.flower_supernode import flower_supernode
+sys.argv[0] = "flower-supernode"
+flower_supernode()
+"""
+
+
+def wait_for(what: str, check, timeout: float):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = check()
+        if got:
+            return got
+        time.sleep(0.5)
+    raise TimeoutError(f"{what}: not after {timeout} s")
+
+
+def test_loopback_deployment_survives_a_killed_serverapp_and_a_killed_supernode(flower_env, tmp_path):
+    """Real processes on 127.0.0.1, killed with SIGKILL.
+
+    1. The ServerApp, after its round-1 checkpoint: `cellm flower run --resume` finishes the run with the same
+       adapter and ledger as the embedded engine (error feedback on: the nodes' client state is on their disk).
+    2. A SuperNode, in the middle of a run: the run goes on; its clients in flight count as failed or late, the
+       next rounds sample the survivors' clients, and once the node is restarted its clients are trained again.
+    """
+    from cellm.runtime import runfolder as rf
+    from cellm.runtime.flower import deploy as D
+
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    write_connection(os.environ["FLWR_HOME"], "faults", address, None)
+    procs = Processes(tmp_path)
+
+    def start_node(i: int, name: str) -> subprocess.Popen:
+        cmd = D.supernode_command(address, free_port(), f"partition-id={i} num-partitions=2")
+        return procs.start(name, ["python", "-c", FAST_HEARTBEAT_SUPERNODE, *cmd[1:]])
+
+    def submit(*args: str) -> None:
+        r = subprocess.run([sys.executable, "-c", CELLM_FLOWER, "run", "--superlink", "faults", "--no-stream",
+                            "--node-wait-s", "90", "--round-timeout-s", "60", *args],
+                           capture_output=True, text=True, timeout=120, cwd=tmp_path, env=child_env())
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+    def rows(out: Path) -> list[dict]:
+        return rf.read_metrics(out) if (out / rf.METRICS).exists() else []
+
+    try:
+        link = procs.start("superlink", D.superlink_command(address, database=tmp_path / "superlink.db"))
+        wait_port(port, link, timeout=30)
+        nodes = [start_node(0, "node0"), start_node(1, "node1")]
+
+        # 1. the ServerApp dies after a checkpoint; the run is resumed from its folder
+        overrides = ["rounds=3", "run.checkpoint_every=1", "comm.error_feedback_up=true"]
+        out = tmp_path / "run"
+        submit("--preset", "tiny", *[a for o in overrides for a in ("--set", o)], "--out", str(out))
+        wait_for("round-1 checkpoint", lambda: (out / rf.CHECKPOINT).exists(), 120)
+        serverapps = [p for p in procs.descendants() if b"flwr-serverapp" in _cmdline(p)]
+        assert serverapps, "no flwr-serverapp process found"
+        for p in serverapps:
+            _signal_pid(p, signal.SIGKILL)
+        time.sleep(1)
+        assert not (out / rf.SUMMARY).exists()
+        submit("--resume", str(out))
+        wait_for("the resumed run's summary", lambda: (out / rf.SUMMARY).exists(), 180)
+        embedded = cellm.run(tiny(*overrides), save=False)
+        for ra, rb in zip(embedded.metrics, rows(out), strict=True):
+            assert {k: ra.get(k) for k in LEDGER_KEYS} == {k: rb.get(k) for k in LEDGER_KEYS}
+        from safetensors.torch import load_file
+
+        saved = load_file(out / rf.ADAPTER / "adapter_model.safetensors")
+        for k, v in embedded.adapter.items():
+            assert torch.equal(saved[k], v), f"adapter tensor {k} differs"
+
+        # 2. a SuperNode dies mid-run and is restarted later
+        out2 = tmp_path / "run-node-killed"
+        submit("--preset", "tiny", "--set", "rounds=6", "--set", "fl.clients_per_round=4", "--out", str(out2))
+        wait_for("round 1", lambda: len(rows(out2)) >= 2, 120)
+        _signal_group(nodes[1].pid, signal.SIGKILL)
+        survivors_only = wait_for("a round with only the surviving node's clients",
+                                  lambda: [r for r in rows(out2)[2:] if r["clients"] and
+                                           all(c % 2 == 0 for c in r["clients"]) and not r["failed"]], 150)
+        start_node(1, "node1-restarted")
+        wait_for("the run's summary", lambda: (out2 / rf.SUMMARY).exists(), 240)
+        after_kill = rows(out2)[2:]
+        assert sum(r["failed"] + r["late"] for r in after_kill) > 0  # the killed node's clients in flight
+        assert survivors_only[0]["accepted"] == len(survivors_only[0]["clients"])
+        back = [r for r in after_kill if r["round"] > survivors_only[0]["round"] and any(c % 2 for c in r["clients"])
+                and not r["failed"] and not r["late"]]
+        assert back, f"the restarted node's clients were never trained again: {after_kill}"
+        assert all(r["applied"] for r in after_kill if r["accepted"])
+    except BaseException:
+        for name, *_ in procs.procs:
+            print(f"----- {name}.log (tail)\n{procs.log(name)[-3000:]}")
+        raise
+    finally:
+        procs.stop()
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
