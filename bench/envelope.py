@@ -38,7 +38,7 @@ def sizes(n: int, density: float, values: str) -> tuple[int, int, int, int]:
                       init_digest="0" * 32)
     msg = Message(P.task_content(task, "f" * 64), dst_node_id=2**62 + 12345, message_type="train", group_id="12")
     reply = ClientReply(payload=up, num_examples=45, train_loss=0.1234, nonzeros=sent.k, extra={"codec_s": 0.01})
-    back = Message(P.reply_content(reply, 37, 12), reply_to=msg)
+    back = Message(P.reply_content([(37, 12, reply)]), reply_to=msg)
     return len(down), P.transport_size(msg), len(up), P.transport_size(back)
 
 

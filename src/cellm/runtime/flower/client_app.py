@@ -4,9 +4,10 @@ Handlers
 --------
 ``query`` (setup): stores the run's cellm config and run id in ``context.state`` and answers which cellm client
 ids this node serves (its node config: ``partition-id``/``num-partitions``, or ``cellm-clients``).
-``train``: decodes the task, loads model and data once per process (module cache), restores the client's state
-(error-feedback residual, delta-mode copy) from the node's disk (:mod:`cellm.runtime.flower.node_state`), calls
-:func:`cellm.federated.client.client_update`, saves the new state, replies with the encoded upload.
+``train`` (one message per round, with the tasks of this node's sampled clients): loads model and data once per
+process (module cache); for each task restores the client's state (error-feedback residual, delta-mode copy) from
+the node's disk (:mod:`cellm.runtime.flower.node_state`), calls :func:`cellm.federated.client.client_update` and
+saves the new state; replies with the encoded uploads.
 ``query.finish``: the run completed; removes its client state from the node's disk.
 
 Node config keys read here (``flower-supernode --node-config '...'``): ``partition-id``, ``num-partitions``,
@@ -117,25 +118,31 @@ def setup(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """One cellm client's round: decode the download, train, encode the upload."""
+    """This node's cellm clients' round: for each task, decode the download, train, encode the upload."""
 
-    task, digest, checkpoint_round = P.read_task(msg.content)
+    tasks, digest, checkpoint_round = P.read_tasks(msg.content)
     cfg, setup_ = _config_and_setup(context, digest)
     _threads(context, cfg.run.threads)
     served = P.served_clients(_node_config(context), cfg.data.num_clients)
-    if task.client not in served:
-        raise P.ProtocolError(f"this node serves cellm clients {served}, not client {task.client}")
-    if task.stage != setup_.stage:  # SLoRA: the server has switched to LoRA; clients need no SVD, only the vector
-        if not (task.stage == 2 and setup_.stage == 1):
-            raise P.ProtocolError(f"train message is for stage {task.stage}, this node is in stage {setup_.stage}")
+    strangers = [t.client for t in tasks if t.client not in served]
+    if strangers:
+        raise P.ProtocolError(f"this node serves cellm clients {served}, not clients {strangers}")
+    if len({t.stage for t in tasks}) != 1:
+        raise P.ProtocolError("train message: its tasks are for different stages")
+    if tasks[0].stage != setup_.stage:  # SLoRA: the server has switched to LoRA; clients need no SVD, only the vector
+        if not (tasks[0].stage == 2 and setup_.stage == 1):
+            raise P.ProtocolError(f"train message is for stage {tasks[0].stage}, this node is in stage {setup_.stage}")
         switch_to_lora(setup_, cfg, from_svd=False)
     store = _state_store(context, cfg.data.cache_dir, str(context.state.config_records[P.STATE_CONFIG][P.RUN_ID]))
-    st = store.load(task.client, task.round)
-    reply, new_state = client_update(setup_.loaded.model, setup_.flat, setup_.data.clients[task.client], task,
-                                     train_spec(cfg), st, seed=cfg.seed, w0=setup_.w0)
-    if new_state.residual is not None or new_state.copy is not None:  # as the embedded Simulator keeps it
-        store.save(task.client, task.round, new_state, checkpoint_round)
-    return Message(content=P.reply_content(reply, task.client, task.round), reply_to=msg)
+    replies = []
+    for task in tasks:
+        st = store.load(task.client, task.round)
+        reply, new_state = client_update(setup_.loaded.model, setup_.flat, setup_.data.clients[task.client], task,
+                                         train_spec(cfg), st, seed=cfg.seed, w0=setup_.w0)
+        if new_state.residual is not None or new_state.copy is not None:  # as the embedded Simulator keeps it
+            store.save(task.client, task.round, new_state, checkpoint_round)
+        replies.append((task.client, task.round, reply))
+    return Message(content=P.reply_content(replies), reply_to=msg)
 
 
 @app.query("finish")

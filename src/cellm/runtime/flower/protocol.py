@@ -16,11 +16,12 @@ ConfigRecord lists the cellm client ids the node serves.
 ``query.finish`` (once per node, when the run has completed): ``cellm.finish`` = ConfigRecord{run-id}; the node
 removes the run's client state. Empty reply.
 
-``train`` (one per sampled client and round): ``cellm.download`` = ArrayRecord{payload}, ``cellm.task`` =
-ConfigRecord{ClientTask scalars, codec_up.<field>, config-digest, checkpoint-round: the round the server's last
-checkpoint holds}. Reply: ``cellm.upload`` = ArrayRecord{payload},
-``cellm.reply`` = MetricRecord{num_examples, train_loss, nonzeros}, ``cellm.client`` = ConfigRecord{client, round}
-(+ ``cellm.reply-extra`` ConfigRecord for ``ClientReply.extra`` scalars).
+``train`` (one per node and round, holding the round's tasks of every sampled cellm client the node serves, so a
+node starts one process a round, not one per client): for each such client ``c``, ``cellm.download.<c>`` =
+ArrayRecord{payload} and ``cellm.task.<c>`` = ConfigRecord{ClientTask scalars, codec_up.<field>, config-digest,
+checkpoint-round: the round the server's last checkpoint holds}. Reply, for each task: ``cellm.upload.<c>`` =
+ArrayRecord{payload}, ``cellm.reply.<c>`` = MetricRecord{num_examples, train_loss, nonzeros}, ``cellm.client.<c>``
+= ConfigRecord{client, round} (+ ``cellm.reply-extra.<c>`` ConfigRecord for ``ClientReply.extra`` scalars).
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def read_finish(content: RecordDict) -> str:
     return run_id
 
 
-# ------------------------------------------------------------------ task
+# ------------------------------------------------------------------ tasks (one message per node and round)
 
 def _put_scalar(rec: ConfigRecord, key: str, value: Any, what: str) -> None:
     if not isinstance(value, _SCALARS):
@@ -112,28 +113,40 @@ def _put_scalar(rec: ConfigRecord, key: str, value: Any, what: str) -> None:
     rec[key] = value
 
 
-def task_content(task: ClientTask, digest: str, checkpoint_round: int = 0) -> RecordDict:
-    rec = ConfigRecord()
-    for f in dataclasses.fields(ClientTask):
-        value = getattr(task, f.name)
-        if f.name == "download":
-            continue
-        if isinstance(value, CodecSpec):
-            for g in dataclasses.fields(CodecSpec):
-                _put_scalar(rec, f"{f.name}.{g.name}", getattr(value, g.name), "ClientTask")
-        else:
-            _put_scalar(rec, f.name, value, "ClientTask")
-    rec[CONFIG_DIGEST] = digest
-    rec[CHECKPOINT_ROUND] = int(checkpoint_round)
-    return RecordDict({DOWNLOAD: ArrayRecord({"payload": payload_array(task.download)}), TASK: rec})
+def _client_of(key: str, base: str) -> int | None:
+    """The client id in a record key ``<base>.<client>``; None for other keys."""
+    head, _, tail = key.rpartition(".")
+    if head != base:
+        return None
+    if not tail.isdigit():
+        raise ProtocolError(f"record key {key!r}: expected {base}.<client id>")
+    return int(tail)
 
 
-def read_task(content: RecordDict) -> tuple[ClientTask, str, int]:
-    """(ClientTask, config digest, the round of the server's last checkpoint) from a train message."""
-    if TASK not in content.config_records:
-        raise ProtocolError(f"train message has no '{TASK}' record")
-    rec = content.config_records[TASK]
-    kwargs: dict[str, Any] = {"download": _payload_of(content, DOWNLOAD)}
+def task_content(tasks: ClientTask | list[ClientTask], digest: str, checkpoint_round: int = 0) -> RecordDict:
+    """The train message for one node: the round's tasks of the cellm clients it serves."""
+    content = RecordDict()
+    for task in [tasks] if isinstance(tasks, ClientTask) else tasks:
+        rec = ConfigRecord()
+        for f in dataclasses.fields(ClientTask):
+            value = getattr(task, f.name)
+            if f.name == "download":
+                continue
+            if isinstance(value, CodecSpec):
+                for g in dataclasses.fields(CodecSpec):
+                    _put_scalar(rec, f"{f.name}.{g.name}", getattr(value, g.name), "ClientTask")
+            else:
+                _put_scalar(rec, f.name, value, "ClientTask")
+        rec[CONFIG_DIGEST] = digest
+        rec[CHECKPOINT_ROUND] = int(checkpoint_round)
+        content[f"{DOWNLOAD}.{task.client}"] = ArrayRecord({"payload": payload_array(task.download)})
+        content[f"{TASK}.{task.client}"] = rec
+    return content
+
+
+def _read_one_task(content: RecordDict, client: int) -> tuple[ClientTask, str, int]:
+    rec = content.config_records[f"{TASK}.{client}"]
+    kwargs: dict[str, Any] = {"download": _payload_of(content, f"{DOWNLOAD}.{client}")}
     for f in dataclasses.fields(ClientTask):
         if f.name == "download":
             continue
@@ -147,6 +160,8 @@ def read_task(content: RecordDict) -> tuple[ClientTask, str, int]:
         task = ClientTask(**kwargs)
     except TypeError as exc:
         raise ProtocolError(f"train message: {exc}") from None
+    if task.client != client:
+        raise ProtocolError(f"train message: record {TASK}.{client} holds client {task.client}'s task")
     digest = rec.get(CONFIG_DIGEST)
     if not isinstance(digest, str):
         raise ProtocolError("train message has no config digest")
@@ -156,30 +171,58 @@ def read_task(content: RecordDict) -> tuple[ClientTask, str, int]:
     return task, digest, checkpoint_round
 
 
-# ------------------------------------------------------------------ reply
+def read_tasks(content: RecordDict) -> tuple[list[ClientTask], str, int]:
+    """(tasks, config digest, the round of the server's last checkpoint) from a train message."""
+    clients = sorted(c for k in content.config_records if (c := _client_of(k, TASK)) is not None)
+    if not clients:
+        raise ProtocolError(f"train message has no '{TASK}.<client>' record (records: {sorted(content.keys())})")
+    read = [_read_one_task(content, c) for c in clients]
+    if len({(d, k) for _, d, k in read}) != 1:
+        raise ProtocolError("train message: its tasks disagree on the config digest or checkpoint round")
+    return [t for t, _, _ in read], read[0][1], read[0][2]
 
-def reply_content(reply: ClientReply, client: int, round_: int) -> RecordDict:
-    metrics = MetricRecord({"num_examples": int(reply.num_examples), "train_loss": float(reply.train_loss),
-                            "nonzeros": int(reply.nonzeros)})
-    content = RecordDict({UPLOAD: ArrayRecord({"payload": payload_array(reply.payload)}), REPLY: metrics,
-                          CLIENT: ConfigRecord({"client": int(client), "round": int(round_)})})
-    if reply.extra:
-        extra = ConfigRecord()
-        for k, v in reply.extra.items():
-            _put_scalar(extra, str(k), v, "ClientReply.extra")
-        content[REPLY_EXTRA] = extra
+
+# ------------------------------------------------------------------ replies
+
+def reply_content(replies: list[tuple[int, int, ClientReply]]) -> RecordDict:
+    """A node's reply: (client, round, ClientReply) for each task it was sent."""
+    content = RecordDict()
+    for client, round_, reply in replies:
+        content[f"{UPLOAD}.{client}"] = ArrayRecord({"payload": payload_array(reply.payload)})
+        content[f"{REPLY}.{client}"] = MetricRecord({"num_examples": int(reply.num_examples),
+                                                     "train_loss": float(reply.train_loss),
+                                                     "nonzeros": int(reply.nonzeros)})
+        content[f"{CLIENT}.{client}"] = ConfigRecord({"client": int(client), "round": int(round_)})
+        if reply.extra:
+            extra = ConfigRecord()
+            for k, v in reply.extra.items():
+                _put_scalar(extra, str(k), v, "ClientReply.extra")
+            content[f"{REPLY_EXTRA}.{client}"] = extra
     return content
 
 
-def read_reply(content: RecordDict) -> tuple[int, int, ClientReply]:
-    """(client, round, ClientReply) from a train reply."""
-    if REPLY not in content.metric_records or CLIENT not in content.config_records:
-        raise ProtocolError(f"train reply lacks '{REPLY}' or '{CLIENT}' (records: {sorted(content.keys())})")
-    m, who = content.metric_records[REPLY], content.config_records[CLIENT]
-    extra = dict(content.config_records[REPLY_EXTRA]) if REPLY_EXTRA in content.config_records else {}
-    reply = ClientReply(payload=_payload_of(content, UPLOAD), num_examples=int(m["num_examples"]),
-                        train_loss=float(m["train_loss"]), nonzeros=int(m["nonzeros"]), extra=extra)
-    return int(who["client"]), int(who["round"]), reply
+def read_replies(content: RecordDict) -> list[tuple[int, int, ClientReply]]:
+    """[(client, round, ClientReply)] from a node's train reply."""
+    clients = sorted(c for k in content.config_records if (c := _client_of(k, CLIENT)) is not None)
+    if not clients:
+        raise ProtocolError(f"train reply has no '{CLIENT}.<client>' record (records: {sorted(content.keys())})")
+    out = []
+    for c in clients:
+        if f"{REPLY}.{c}" not in content.metric_records:
+            raise ProtocolError(f"train reply lacks '{REPLY}.{c}'")
+        m, who = content.metric_records[f"{REPLY}.{c}"], content.config_records[f"{CLIENT}.{c}"]
+        extra_key = f"{REPLY_EXTRA}.{c}"
+        extra = dict(content.config_records[extra_key]) if extra_key in content.config_records else {}
+        try:
+            reply = ClientReply(payload=_payload_of(content, f"{UPLOAD}.{c}"), num_examples=int(m["num_examples"]),
+                                train_loss=float(m["train_loss"]), nonzeros=int(m["nonzeros"]), extra=extra)
+            client, round_ = int(who["client"]), int(who["round"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProtocolError(f"train reply for client {c}: {exc!r}") from None
+        if client != c:
+            raise ProtocolError(f"train reply: record {CLIENT}.{c} names client {client}")
+        out.append((client, round_, reply))
+    return out
 
 
 # ------------------------------------------------------------------ node -> cellm clients

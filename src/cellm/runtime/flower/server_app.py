@@ -9,8 +9,9 @@ as the embedded runtime's, with :class:`CellmStrategy` as the way clients run; r
 
 Why not ``flwr.serverapp.strategy.Strategy.start``: it sends one ArrayRecord of the global model per round and
 expects every reply to share keys, while cellm sends per-client encoded payloads and one node may serve several
-cellm clients. The strategy keeps Flower's template (``configure_train`` -> send -> ``collect``) but sends a
-node's tasks one at a time ("waves"), so a node's ``context.state`` is never updated by two messages at once.
+cellm clients. The strategy keeps Flower's template (``configure_train`` -> send -> ``collect``) and sends each
+node one message a round with the tasks of all its sampled clients: a SuperNode starts a process (imports, model)
+per message, so one message per node and round pays that once, and one base model trains the node's clients.
 
 Run config (``[tool.flwr.app.config]``, override with ``flwr run ... --run-config``): ``config-toml`` (the whole
 cellm config inline, what ``cellm flower run`` sends), or ``config`` (a TOML path on the SuperLink machine) and/or
@@ -137,33 +138,20 @@ class CellmStrategy:
 
     # -------------------------------------------------------------- one round
 
-    def configure_train(self, plan, grid: Grid) -> list[Message]:
-        """One ``train`` Message per sampled client, to the node that serves it. Each says from which round a
-        resume could replay: without checkpoints, none (nodes keep only the newest state before this round)."""
+    def configure_train(self, plan, grid: Grid, clients: list[int] | None = None) -> list[Message]:
+        """One ``train`` Message per node, with the tasks of the sampled ``clients`` it serves. Each says from which
+        round a resume could replay: without checkpoints, none (nodes keep only the newest state before it)."""
         keep = self.checkpoint_round if self.cfg.run.checkpoint_every else plan.round - 1
-        return [Message(P.task_content(plan.tasks[c], self.digest, keep), dst_node_id=self.client_node[c],
-                        message_type=MessageType.TRAIN, group_id=str(plan.round)) for c in plan.clients]
-
-    def send(self, grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
-        """Send in waves with at most one message per node in flight; return all replies received in time."""
-        per_node: dict[int, list[Message]] = {}
-        for m in messages:
-            per_node.setdefault(m.metadata.dst_node_id, []).append(m)
-        deadline = time.monotonic() + timeout
-        replies: list[Message] = []
-        for k in range(max((len(v) for v in per_node.values()), default=0)):
-            wave = [v[k] for v in per_node.values() if k < len(v)]
-            left = deadline - time.monotonic()
-            if left <= 0:
-                log.error("round timeout: %d messages not sent", len(wave))
-                break
-            replies.extend(grid.send_and_receive(wave, timeout=left))
-        return replies
+        per_node: dict[int, list[int]] = {}
+        for c in plan.clients if clients is None else clients:
+            per_node.setdefault(self.client_node[c], []).append(c)
+        return [Message(P.task_content([plan.tasks[c] for c in cs], self.digest, keep), dst_node_id=n,
+                        message_type=MessageType.TRAIN, group_id=str(plan.round)) for n, cs in per_node.items()]
 
     def collect(self, plan: RoundPlan, replies: list[Message], sent: list[int]):
-        """Check each reply comes from the right node for a client it was sent; return (replies by client,
-        lost clients). A client whose node answers with an error counts as "failed", one with no reply in time
-        as "late"."""
+        """Check each reply comes from the right node for clients it was sent; return (replies by client, lost
+        clients). A client whose node answers with an error counts as "failed", one with no reply in time as
+        "late"."""
         got: dict[int, Any] = {}
         node_failed: set[int] = set()
         for msg in replies:
@@ -175,16 +163,17 @@ class CellmStrategy:
                     self.asked.discard(node)
                 continue
             try:
-                client, round_, reply = P.read_reply(msg.content)
+                uploads = P.read_replies(msg.content)
             except P.ProtocolError as exc:
                 log.error("round %d: node %s sent a malformed reply: %s", plan.round, node, exc)
                 continue
-            if round_ != plan.round or client not in sent or self.client_node.get(client) != node or client in got:
-                log.error("round %d: node %s replied for client %d round %d, which it was not asked",
-                          plan.round, node, client, round_)
-                continue
-            got[client] = reply
-        # An error reply does not say which of a node's clients it was for: its unanswered clients failed.
+            for client, round_, reply in uploads:
+                if (round_ != plan.round or client not in sent or self.client_node.get(client) != node
+                        or client in got):
+                    log.error("round %d: node %s replied for client %d round %d, which it was not asked",
+                              plan.round, node, client, round_)
+                    continue
+                got[client] = reply
         failed = {c for c in sent if c not in got and self.client_node.get(c) in node_failed}
         lost = {c: ("failed" if c in failed else "late") for c in sent if c not in got}
         if lost:
@@ -228,11 +217,10 @@ class CellmStrategy:
         return sorted(self.client_node)
 
     def run_clients(self, plan: RoundPlan, arrived: list[int]):
-        """Send the round's tasks, collect the uploads; ``self.transport`` = the (down, up) bytes Flower
-        serialized for every train message sent and every reply received."""
-        messages = [m for m, c in zip(self.configure_train(plan, self.grid), plan.clients, strict=True)
-                    if c in arrived]
-        replies = self.send(self.grid, messages, self.options.round_timeout_s)
+        """Send the round's tasks (one message per node), collect the uploads; ``self.transport`` = the (down, up)
+        bytes Flower serialized for every train message sent and every reply received."""
+        messages = self.configure_train(plan, self.grid, arrived)
+        replies = self.grid.send_and_receive(messages, timeout=self.options.round_timeout_s) if messages else []
         self.transport = (sum(P.transport_size(m) for m in messages), sum(P.transport_size(r) for r in replies))
         return self.collect(plan, replies, arrived)
 
