@@ -6,9 +6,12 @@ serve the unit tests. All share the MiniLM tokenizer when they have none of thei
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import importlib.util
 import os
+import shutil
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,11 +59,14 @@ def _load_minilm(num_labels: int | None):
     return model, _minilm_tokenizer()
 
 
-def _load_smollm2(num_labels: int | None):
+def _load_smollm2(num_labels: int | None, prepared: Path | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the GGUF de-quantization bar would break the rounds' progress bar
+    if prepared is not None:
+        return (AutoModelForCausalLM.from_pretrained(str(prepared), dtype=torch.float32, local_files_only=True),
+                AutoTokenizer.from_pretrained(str(prepared), local_files_only=True))
     d = str(smollm2_dir())
     tok = AutoTokenizer.from_pretrained(d, gguf_file=SMOLLM2_GGUF)
     model = AutoModelForCausalLM.from_pretrained(d, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
@@ -100,12 +106,14 @@ class ModelSpec:
     loader: Callable
     tokenizer_id: str  # keys the tokenized-data cache
     head_modules: tuple[str, ...] = ()
+    gguf: Callable[[], Path] | None = None  # the GGUF file it de-quantizes at load (loader(..., prepared=) skips that)
 
 
 MODELS: dict[str, ModelSpec] = {
     "minilm-l6": ModelSpec("minilm-l6", "classification", ("query", "value"), _load_minilm,
                            "minilm-l6", ("classifier",)),
-    "smollm2-135m": ModelSpec("smollm2-135m", "causal_lm", ("q_proj", "v_proj"), _load_smollm2, "smollm2-135m"),
+    "smollm2-135m": ModelSpec("smollm2-135m", "causal_lm", ("q_proj", "v_proj"), _load_smollm2, "smollm2-135m",
+                              gguf=lambda: smollm2_dir() / SMOLLM2_GGUF),
     "tiny-bert": ModelSpec("tiny-bert", "classification", ("query", "value"), _load_tiny_bert,
                            "minilm-l6", ("classifier",)),
     "tiny-llama": ModelSpec("tiny-llama", "causal_lm", ("q_proj", "v_proj"), _load_tiny_llama, "minilm-l6"),
@@ -193,31 +201,33 @@ def path_spec(path: str, task: str) -> ModelSpec:
     table for its architecture (empty when peft knows none: then the user must name them)."""
     folder, gguf = model_source(path)
 
-    def loader(num_labels: int | None):
+    def loader(num_labels: int | None, prepared: Path | None = None):
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
         kw: dict = {"local_files_only": True}
-        if gguf is not None:
+        src = folder if prepared is None else prepared
+        if gguf is not None and prepared is None:
             kw["gguf_file"] = gguf
         try:
-            tok = AutoTokenizer.from_pretrained(str(folder), **kw)
+            tok = AutoTokenizer.from_pretrained(str(src), **kw)
         except Exception as exc:
             raise ConfigError(f"config field 'model.path': no usable tokenizer in {folder} ({_first_line(exc)})") from None
         try:
             if task == "classification":
                 model = AutoModelForSequenceClassification.from_pretrained(
-                    str(folder), num_labels=num_labels, ignore_mismatched_sizes=True, dtype=torch.float32, **kw)
+                    str(src), num_labels=num_labels, ignore_mismatched_sizes=True, dtype=torch.float32, **kw)
             else:
-                model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, **kw)
+                model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32, **kw)
         except Exception as exc:
             raise ConfigError(f"config field 'model.path': transformers cannot load {path} as a "
                               f"{'sequence classifier' if task == 'classification' else 'causal LM'} "
                               f"({_first_line(exc)})") from None
         return model, tok
 
-    return ModelSpec(str(path), task, (), loader, _tokenizer_digest(folder, gguf))
+    return ModelSpec(str(path), task, (), loader, _tokenizer_digest(folder, gguf),
+                     gguf=None if gguf is None else (lambda: folder / gguf))
 
 
 def _first_line(exc: BaseException) -> str:
@@ -255,11 +265,66 @@ def resolve_spec(name: str, path: str, task: str) -> ModelSpec:
     return path_spec(path, task) if path else MODELS[name]
 
 
+def _prepared_key(spec: ModelSpec, gguf: Path, num_labels: int | None) -> str:
+    import transformers
+
+    st = gguf.stat()
+    h = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}:{spec.task}:{num_labels}:"
+                       f"{transformers.__version__}:{torch.__version__}".encode())
+    return h.hexdigest()[:20]
+
+
+def _load_base(spec: ModelSpec, num_labels: int | None, cache_dir: str | None):
+    """The base model and tokenizer. A GGUF model is de-quantized once per machine: the float weights are kept
+    under ``<cache_dir>/models/`` as safetensors, which later loads (every Flower message, every run) memory-map.
+    The weights are the same bits either way; a broken cache entry is rebuilt."""
+    if not cache_dir or spec.gguf is None:
+        return spec.loader(num_labels)
+    gguf = spec.gguf()
+    folder = Path(cache_dir) / "models" / _prepared_key(spec, gguf, num_labels)
+    if (folder / "config.json").is_file():
+        try:
+            return spec.loader(num_labels, prepared=folder)
+        except Exception:  # noqa: BLE001 - torn or foreign entry: rebuild it below
+            shutil.rmtree(folder, ignore_errors=True)
+    model, tok = spec.loader(num_labels)
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        with _as_plain_model(model):
+            model.save_pretrained(str(tmp), safe_serialization=True)
+            tok.save_pretrained(str(tmp))
+        os.replace(tmp, folder)
+    except OSError as exc:  # a read-only or full disk: run without the cache
+        shutil.rmtree(tmp, ignore_errors=True)
+        warnings.warn(f"could not keep the de-quantized model under {folder.parent} ({exc}); "
+                      "it is de-quantized again at the next load", stacklevel=2)
+    return model, tok
+
+
+@contextlib.contextmanager
+def _as_plain_model(model):
+    """While saving, a GGUF-loaded model is a plain float model: its tensors are already de-quantized, so the
+    quantizer marker transformers keeps on it is dropped (and put back afterwards)."""
+    config, quantizer = model.config, getattr(model, "hf_quantizer", None)
+    plain = copy.deepcopy(config)
+    if hasattr(plain, "quantization_config"):
+        del plain.quantization_config
+    model.config, model.hf_quantizer = plain, None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        model.config, model.hf_quantizer = config, quantizer
+
+
 def load_model(name: str | ModelSpec, *, lora_rank: int, lora_alpha: float, lora_dropout: float,
                target_modules: list[str] | tuple[str, ...] = (), num_labels: int | None = None,
-               seed: int = 0, freeze_a: bool = False) -> LoadedModel:
+               seed: int = 0, freeze_a: bool = False, cache_dir: str | None = None) -> LoadedModel:
     """Load a base model (registered name, or a spec from :func:`path_spec`) and attach a LoRA adapter (and a
-    trainable head for classifiers), both initialised from ``seed`` alone."""
+    trainable head for classifiers), both initialised from ``seed`` alone. With ``cache_dir``, a GGUF model's
+    de-quantized weights are kept there and loaded from there next time."""
     from peft import LoraConfig, get_peft_model
 
     if isinstance(name, ModelSpec):
@@ -267,7 +332,7 @@ def load_model(name: str | ModelSpec, *, lora_rank: int, lora_alpha: float, lora
     else:
         spec = MODELS[name]
         check_assets(name)
-    model, tok = spec.loader(num_labels)
+    model, tok = _load_base(spec, num_labels, cache_dir)
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise ConfigError(f"model {spec.name}: its tokenizer has neither a pad nor an eos token to pad with")

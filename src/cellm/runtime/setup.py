@@ -42,7 +42,8 @@ def load_setup(cfg: CellmConfig) -> Setup:
     num_labels = len(labels) if labels else DATASETS[d.name].num_labels  # a classifier's head fits the data
     spec = resolve_spec(m.name, m.path, task)
     loaded = load_model(spec, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
-                        target_modules=m.target_modules, num_labels=num_labels, seed=cfg.seed, freeze_a=m.freeze_a)
+                        target_modules=m.target_modules, num_labels=num_labels, seed=cfg.seed, freeze_a=m.freeze_a,
+                        cache_dir=d.cache_dir or None)
     data = load_federated(
         d.name, loaded.tokenizer, spec.tokenizer_id, num_clients=d.num_clients, seq_len=d.seq_len,
         min_client_size=d.min_client_size, dirichlet_alpha=d.dirichlet_alpha, test_fraction=d.test_fraction,
