@@ -48,12 +48,19 @@ def test_minilm_with_30_percent_dropout_still_improves_on_round_zero(cache_dir):
     assert res.final_eval["accuracy"] > res.initial_eval["accuracy"] + 0.1
 
 
-def test_smollm2_loads_and_one_lora_step_lowers_the_loss_on_a_batch():
+def test_smollm2_loads_and_one_lora_step_lowers_the_loss_on_a_batch(tmp_path):
     from cellm.models import FlatView, load_model
 
-    lm = load_model("smollm2-135m", lora_rank=8, lora_alpha=16, lora_dropout=0.0)
+    lm = load_model("smollm2-135m", lora_rank=8, lora_alpha=16, lora_dropout=0.0, cache_dir=str(tmp_path))
+    # The GGUF was de-quantized once and kept: the next load reads the same bits from the cache, without the GGUF
+    again = load_model("smollm2-135m", lora_rank=8, lora_alpha=16, lora_dropout=0.0, cache_dir=str(tmp_path))
+    kept = list((tmp_path / "models").iterdir())
+    assert len(kept) == 1 and (kept[0] / "model.safetensors").is_file()
+    first, second = lm.model.state_dict(), again.model.state_dict()
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     tok = lm.tokenizer
     text = ["To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer"] * 2
+    assert again.tokenizer(text)["input_ids"] == tok(text)["input_ids"]
     batch = tok(text, return_tensors="pt", padding="max_length", max_length=24, truncation=True)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     flat = FlatView(lm.model)
