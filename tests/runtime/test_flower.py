@@ -222,9 +222,6 @@ class LoopbackGrid:
     def pull_messages(self, message_ids):
         return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
 
-    def send_and_receive(self, messages, *, timeout=None):
-        return self.pull_messages(self.push_messages(messages))
-
 
 MODES = {
     "stateful": ["comm.error_feedback_up=true", 'comm.download_mode="delta"', 'comm.codec_up="int8"'],
@@ -342,10 +339,10 @@ class CrashingGrid(LoopbackGrid):
         super().__init__(node_configs)
         self.crash_round = crash_round
 
-    def send_and_receive(self, messages, *, timeout=None):
+    def push_messages(self, messages):
         if any(m.metadata.group_id == str(self.crash_round) for m in messages):
             raise RuntimeError("the ServerApp process dies here")
-        return super().send_and_receive(messages, timeout=timeout)
+        return super().push_messages(messages)
 
 
 @pytest.mark.parametrize("mode", ["stateful", "slora-switch+ef+int4"])

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,6 +26,7 @@ class Setup:
     data: FederatedData
     w0: torch.Tensor  # the seeded initial adapter, as built here: what init-relative downloads are relative to
     stage: int = 0  # which trainable vector ``flat`` views: 0 one-stage run; SLoRA 1 (sparse subset), 2 (LoRA)
+    load_s: dict[str, float] = field(default_factory=dict)  # seconds spent loading: model, data
 
 
 def load_setup(cfg: CellmConfig) -> Setup:
@@ -40,16 +42,19 @@ def load_setup(cfg: CellmConfig) -> Setup:
     files = file_spec(d) if d.name == "files" else None
     labels = label_names(files) if files is not None and task == "classification" else None
     num_labels = len(labels) if labels else DATASETS[d.name].num_labels  # a classifier's head fits the data
+    t0 = time.perf_counter()
     spec = resolve_spec(m.name, m.path, task)
     loaded = load_model(spec, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
                         target_modules=m.target_modules, num_labels=num_labels, seed=cfg.seed, freeze_a=m.freeze_a,
                         cache_dir=d.cache_dir or None)
+    t1 = time.perf_counter()
     data = load_federated(
         d.name, loaded.tokenizer, spec.tokenizer_id, num_clients=d.num_clients, seq_len=d.seq_len,
         min_client_size=d.min_client_size, dirichlet_alpha=d.dirichlet_alpha, test_fraction=d.test_fraction,
         max_test_examples=d.max_test_examples or None, seed=cfg.seed, cache_dir=d.cache_dir or None,
         files=files, labels=labels,
     )
+    t2 = time.perf_counter()
     if data.num_labels != num_labels:
         raise ValueError(f"dataset {d.name} has {data.num_labels} classes, expected {num_labels}")
     if data.num_clients < cfg.fl.clients_per_round:
@@ -62,7 +67,7 @@ def load_setup(cfg: CellmConfig) -> Setup:
         flat = FlatView(loaded.model)
     w0 = flat.get()
     loaded.model.to(device)
-    return Setup(loaded, flat, data, w0, stage)
+    return Setup(loaded, flat, data, w0, stage, {"model_s": t1 - t0, "data_s": t2 - t1})
 
 
 def switch_to_lora(setup: Setup, cfg: CellmConfig, *, from_svd: bool) -> float:

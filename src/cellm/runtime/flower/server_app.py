@@ -60,7 +60,8 @@ class DriverOptions:
     node_wait_s: float = 300.0  # until every cellm client is served by some node
     round_timeout_s: float = 3600.0  # a client whose reply has not come by then is dropped for the round
     progress: bool = False
-    poll_s: float = 1.0
+    poll_s: float = 1.0  # between looks for nodes that joined
+    reply_poll_s: float = 0.25  # between looks for replies (Flower's own send_and_receive looks every 3 s)
 
 
 class CellmStrategy:
@@ -220,9 +221,25 @@ class CellmStrategy:
         """Send the round's tasks (one message per node), collect the uploads; ``self.transport`` = the (down, up)
         bytes Flower serialized for every train message sent and every reply received."""
         messages = self.configure_train(plan, self.grid, arrived)
-        replies = self.grid.send_and_receive(messages, timeout=self.options.round_timeout_s) if messages else []
+        replies = self.send_and_receive(messages, self.options.round_timeout_s)
         self.transport = (sum(P.transport_size(m) for m in messages), sum(P.transport_size(r) for r in replies))
         return self.collect(plan, replies, arrived)
+
+    def send_and_receive(self, messages: list[Message], timeout: float) -> list[Message]:
+        """Push ``messages`` and pull their replies until all have come or ``timeout`` has passed."""
+        if not messages:
+            return []
+        pending = set(self.grid.push_messages(messages))
+        deadline = time.monotonic() + timeout
+        replies: list[Message] = []
+        while pending:
+            got = list(self.grid.pull_messages(list(pending)))
+            replies += got
+            pending -= {r.metadata.reply_to_message_id for r in got}
+            if not pending or time.monotonic() >= deadline:
+                break
+            time.sleep(self.options.reply_poll_s)
+        return replies
 
     def finish(self, timeout: float = 30.0) -> None:
         """Tell every node that served this run that it completed, so it drops the run's client state; a node
@@ -230,7 +247,7 @@ class CellmStrategy:
         nodes = sorted(self.node_clients)
         msgs = [Message(P.finish_content(self.run_id), dst_node_id=n, message_type=P.FINISH_TYPE, group_id="finish")
                 for n in nodes]
-        replies = self.grid.send_and_receive(msgs, timeout=timeout) if msgs else []
+        replies = self.send_and_receive(msgs, timeout)
         bad = [r.metadata.src_node_id for r in replies if r.has_error()]
         if len(replies) < len(msgs) or bad:
             log.warning("run finished, but %d of %d nodes did not confirm removing its client state (errors from %s)",
