@@ -151,6 +151,7 @@ def test_app_folder_and_cli(tmp_path):
 
     from cellm.interface import flower_cli
     from cellm.runtime.flower import APP_DIR
+    from cellm.runtime.flower import deploy as D
     from cellm.runtime.flower.server_app import config_from_run_config
 
     conf, _ = load_and_validate(APP_DIR / "pyproject.toml", check_module=True)
@@ -160,6 +161,15 @@ def test_app_folder_and_cli(tmp_path):
     assert (cfg.rounds, cfg.comm.up_density, out) == (2, 0.25, None)
     again, _, _ = config_from_run_config({**defaults, "config-toml": cfg.to_toml()})
     assert again == cfg
+    # a resume names only the folder: the config is read from it, on the SuperLink machine
+    none, folder, _ = config_from_run_config({**defaults, "resume": "true", "out": str(tmp_path / "r")})
+    assert none is None and folder == (tmp_path / "r").absolute()
+    with pytest.raises(cellm.ConfigError, match="takes the config from the run folder"):
+        config_from_run_config({**defaults, "resume": "true", "out": str(tmp_path / "r"), "preset": "tiny"})
+    with pytest.raises(cellm.ConfigError, match="resume must be true or false"):
+        config_from_run_config({**defaults, "resume": "yes", "out": str(tmp_path / "r")})
+    rc = D.run_config_file(tmp_path / "rc.toml", None, tmp_path / "r")
+    assert tomllib.loads(rc.read_text()) == {"out": str((tmp_path / "r").absolute()), "resume": "true"}
     parser = argparse.ArgumentParser(prog="cellm")
     flower_cli.add_parser(parser.add_subparsers(dest="command"))
     text = flower_cli.commands_text("127.0.0.1:9093", 2, str(tmp_path / "certs"), str(tmp_path / "keys"))
