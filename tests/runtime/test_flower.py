@@ -89,18 +89,28 @@ def test_messages_carry_cellm_payloads_byte_for_byte():
     payload = bytes(range(256)) * 3
     task = ClientTask(round=4, client=7, download=payload, up_density=0.25, codec_up=CodecSpec(values="int8"),
                       download_mode="delta", client_freeze=True, error_feedback=True)
-    other = dataclasses.replace(task, client=9, download=payload[:10])
+    other = dataclasses.replace(task, client=9, download=payload[:10], up_density=0.5)
     content = P.task_content([task, other], "d" * 64, checkpoint_round=2)  # one message, a node's two clients
-    # The array's data is the payload itself: what Flower counts is what cellm's ledger counts (+ the key).
-    assert content.array_records[f"{P.DOWNLOAD}.7"].count_bytes() == len(payload) + len("payload")
+    # The array's data is the payload itself: what Flower counts is what cellm's ledger counts (+ the keys).
+    assert content.array_records[P.DOWNLOADS].count_bytes() == len(payload) + 10 + len("7") + len("9")
+    # shared settings travel once, differing ones as a list aligned with the clients
+    rec = content.config_records[P.TASKS]
+    assert rec["clients"] == [7, 9] and rec["round"] == 4 and rec["up_density"] == [0.25, 0.5]
     # What Flower serializes for the content: the payloads, plus their envelope (records, keys, object headers)
-    assert len(payload) + 10 < P.transport_size(content) < len(payload) + 10 + 8192
+    assert len(payload) + 10 < P.transport_size(content) < len(payload) + 10 + 2048
     back, digest, checkpoint_round = P.read_tasks(content)
     assert back == [task, other] and digest == "d" * 64 and checkpoint_round == 2
     reply = ClientReply(payload=payload[:100], num_examples=12, train_loss=0.5, nonzeros=9, extra={"codec_s": 0.1})
-    assert P.read_replies(P.reply_content([(7, 4, reply), (9, 4, reply)])) == [(7, 4, reply), (9, 4, reply)]
-    with pytest.raises(P.ProtocolError, match="holds client 9"):
-        content[f"{P.TASK}.7"] = content[f"{P.TASK}.9"]
+    other_reply = dataclasses.replace(reply, payload=payload[:50], train_loss=0.25)
+    assert P.read_replies(P.reply_content([(7, 4, reply), (9, 4, other_reply)])) == [(7, 4, reply),
+                                                                                       (9, 4, other_reply)]
+    with pytest.raises(P.ProtocolError, match="payloads for"):
+        del content.array_records[P.DOWNLOADS]["9"]
+        P.read_tasks(content)
+    with pytest.raises(P.ProtocolError, match="2 values for 3 clients"):
+        content = P.task_content([task, other], "d" * 64)
+        content.config_records[P.TASKS]["clients"] = [7, 9, 11]
+        content.array_records[P.DOWNLOADS]["11"] = P.payload_array(b"x")
         P.read_tasks(content)
     with pytest.raises(P.ProtocolError):
         P.array_payload(flwr.app.Array(torch.zeros(3)))

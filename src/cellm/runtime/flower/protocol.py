@@ -17,11 +17,12 @@ ConfigRecord lists the cellm client ids the node serves.
 removes the run's client state. Empty reply.
 
 ``train`` (one per node and round, holding the round's tasks of every sampled cellm client the node serves, so a
-node starts one process a round, not one per client): for each such client ``c``, ``cellm.download.<c>`` =
-ArrayRecord{payload} and ``cellm.task.<c>`` = ConfigRecord{ClientTask scalars, codec_up.<field>, config-digest,
-checkpoint-round: the round the server's last checkpoint holds}. Reply, for each task: ``cellm.upload.<c>`` =
-ArrayRecord{payload}, ``cellm.reply.<c>`` = MetricRecord{num_examples, train_loss, nonzeros}, ``cellm.client.<c>``
-= ConfigRecord{client, round} (+ ``cellm.reply-extra.<c>`` ConfigRecord for ``ClientReply.extra`` scalars).
+node starts one process a round, not one per client): ``cellm.tasks`` = ConfigRecord{clients: [ids], the ClientTask
+scalars (codec_up.<field> for the codec; a value shared by all clients once, one that differs as a list aligned
+with clients), config-digest, checkpoint-round: the round the server's last checkpoint holds} and
+``cellm.downloads`` = ArrayRecord{"<client id>": payload}. Reply: ``cellm.replies`` = ConfigRecord{clients,
+round, num_examples, train_loss, nonzeros, extra.<key> (``ClientReply.extra``), packed the same way} and
+``cellm.uploads`` = ArrayRecord{"<client id>": payload}.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import dataclasses
 import hashlib
 from typing import Any
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from cellm.core.codec import CodecSpec
 from cellm.federated.client import ClientReply, ClientTask
@@ -38,8 +39,9 @@ from cellm.federated.client import ClientReply, ClientTask
 PAYLOAD_STYPE = "cellm.payload"  # Array.data is the raw cellm message (dtype uint8, shape (len,))
 SETUP, NODE, FINISH = "cellm.setup", "cellm.node", "cellm.finish"
 FINISH_TYPE = "query.finish"  # message type of the end-of-run message
-DOWNLOAD, TASK = "cellm.download", "cellm.task"
-UPLOAD, REPLY, CLIENT, REPLY_EXTRA = "cellm.upload", "cellm.reply", "cellm.client", "cellm.reply-extra"
+TASKS, DOWNLOADS = "cellm.tasks", "cellm.downloads"
+REPLIES, UPLOADS = "cellm.replies", "cellm.uploads"
+CLIENTS = "clients"
 CONFIG_DIGEST, CHECKPOINT_ROUND, RUN_ID = "config-digest", "checkpoint-round", "run-id"
 NOT_SET_UP = "train message before the run's setup message"  # a node that lost its setup (restarted) says so
 STATE_CONFIG = "cellm.config"  # context.state key of the node's cellm config (set by the setup message)
@@ -106,122 +108,170 @@ def read_finish(content: RecordDict) -> str:
 
 
 # ------------------------------------------------------------------ tasks (one message per node and round)
+#
+# Two records a message, whatever the number of clients: the scalars in one ConfigRecord (a field equal for every
+# client once, a field that differs as a list aligned with "clients"), the payloads in one ArrayRecord keyed by
+# client id. Each record costs an object of its own on the wire (ids, headers), so fewer records, fewer bytes.
 
-def _put_scalar(rec: ConfigRecord, key: str, value: Any, what: str) -> None:
-    if not isinstance(value, _SCALARS):
-        raise TypeError(f"{what}.{key} is {type(value).__name__}; the Flower protocol carries scalars only")
-    rec[key] = value
+def _pack(rows: list[dict[str, Any]], rec: ConfigRecord, what: str) -> None:
+    """Put ``rows`` (one dict of scalars per client, same keys) into ``rec``: shared values once, others as lists."""
+    for key in rows[0]:
+        values = [r[key] for r in rows]
+        bad = [v for v in values if not isinstance(v, _SCALARS)]
+        if bad:
+            raise TypeError(f"{what}.{key} is {type(bad[0]).__name__}; the Flower protocol carries scalars only")
+        if all(type(v) is type(values[0]) and v == values[0] for v in values):
+            rec[key] = values[0]
+        else:
+            if len({type(v) for v in values}) != 1:
+                raise TypeError(f"{what}.{key} has values of different types across clients: {values}")
+            rec[key] = values
 
 
-def _client_of(key: str, base: str) -> int | None:
-    """The client id in a record key ``<base>.<client>``; None for other keys."""
-    head, _, tail = key.rpartition(".")
-    if head != base:
-        return None
-    if not tail.isdigit():
-        raise ProtocolError(f"record key {key!r}: expected {base}.<client id>")
-    return int(tail)
+def _unpack(rec: ConfigRecord, n: int, skip: tuple[str, ...]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = [{} for _ in range(n)]
+    for key, value in rec.items():
+        if key in skip:
+            continue
+        if isinstance(value, list):
+            if len(value) != n:
+                raise ProtocolError(f"record field {key!r} has {len(value)} values for {n} clients")
+            for row, v in zip(rows, value, strict=True):
+                row[key] = v
+        else:
+            for row in rows:
+                row[key] = value
+    return rows
+
+
+def _task_row(task: ClientTask) -> dict[str, Any]:
+    row: dict[str, Any] = {}
+    for f in dataclasses.fields(ClientTask):
+        value = getattr(task, f.name)
+        if f.name in ("download", "client"):  # the payload travels as an array; the id is in "clients"
+            continue
+        if isinstance(value, CodecSpec):
+            for g in dataclasses.fields(CodecSpec):
+                row[f"{f.name}.{g.name}"] = getattr(value, g.name)
+        else:
+            row[f.name] = value
+    return row
+
+
+def _task_defaults() -> dict[str, Any]:
+    """The values a reader fills in for absent fields: the dataclasses' own defaults."""
+    out = {f"codec_up.{g.name}": g.default for g in dataclasses.fields(CodecSpec)}
+    out.update({f.name: f.default for f in dataclasses.fields(ClientTask) if f.default is not dataclasses.MISSING})
+    return out
 
 
 def task_content(tasks: ClientTask | list[ClientTask], digest: str, checkpoint_round: int = 0) -> RecordDict:
-    """The train message for one node: the round's tasks of the cellm clients it serves."""
-    content = RecordDict()
-    for task in [tasks] if isinstance(tasks, ClientTask) else tasks:
-        rec = ConfigRecord()
+    """The train message for one node: the round's tasks of the cellm clients it serves. A setting at its
+    default for every client is left out (the reader fills it in): most settings are, and each costs bytes."""
+    tasks = [tasks] if isinstance(tasks, ClientTask) else list(tasks)
+    if not tasks or len({t.client for t in tasks}) != len(tasks):
+        raise ValueError("a train message needs tasks of distinct clients")
+    rec = ConfigRecord({CLIENTS: [int(t.client) for t in tasks]})
+    rows = [_task_row(t) for t in tasks]
+    defaults = _task_defaults()
+    at_default = [k for k in rows[0] if k in defaults and all(type(r[k]) is type(defaults[k]) and r[k] == defaults[k]
+                                                               for r in rows)]
+    for r in rows:
+        for k in at_default:
+            del r[k]
+    _pack(rows, rec, "ClientTask")
+    rec[CONFIG_DIGEST] = digest
+    rec[CHECKPOINT_ROUND] = int(checkpoint_round)
+    arrays = ArrayRecord({str(t.client): payload_array(t.download) for t in tasks})
+    return RecordDict({TASKS: rec, DOWNLOADS: arrays})
+
+
+def _clients(rec: ConfigRecord, what: str) -> list[int]:
+    clients = rec.get(CLIENTS)
+    if (not isinstance(clients, list) or not clients or not all(isinstance(c, int) for c in clients)
+            or len(set(clients)) != len(clients)):
+        raise ProtocolError(f"{what}: '{CLIENTS}' must be a non-empty list of distinct client ids, got {clients!r}")
+    return clients
+
+
+def _payloads(content: RecordDict, key: str, clients: list[int], what: str) -> dict[int, bytes]:
+    if key not in content.array_records:
+        raise ProtocolError(f"{what} has no '{key}' record (records: {sorted(content.keys())})")
+    arrays = content.array_records[key]
+    if sorted(arrays.keys()) != sorted(str(c) for c in clients):
+        raise ProtocolError(f"{what}: payloads for {sorted(arrays.keys())}, clients {clients}")
+    return {c: array_payload(arrays[str(c)]) for c in clients}
+
+
+def read_tasks(content: RecordDict) -> tuple[list[ClientTask], str, int]:
+    """(tasks, config digest, the round of the server's last checkpoint) from a train message."""
+    if TASKS not in content.config_records:
+        raise ProtocolError(f"train message has no '{TASKS}' record (records: {sorted(content.keys())})")
+    rec = content.config_records[TASKS]
+    clients = _clients(rec, "train message")
+    payloads = _payloads(content, DOWNLOADS, clients, "train message")
+    rows = _unpack(rec, len(clients), (CLIENTS, CONFIG_DIGEST, CHECKPOINT_ROUND))
+    tasks = []
+    for c, row in zip(clients, rows, strict=True):
+        kwargs: dict[str, Any] = {"download": payloads[c], "client": c}
         for f in dataclasses.fields(ClientTask):
-            value = getattr(task, f.name)
-            if f.name == "download":
+            if f.name in ("download", "client"):
                 continue
-            if isinstance(value, CodecSpec):
-                for g in dataclasses.fields(CodecSpec):
-                    _put_scalar(rec, f"{f.name}.{g.name}", getattr(value, g.name), "ClientTask")
-            else:
-                _put_scalar(rec, f.name, value, "ClientTask")
-        rec[CONFIG_DIGEST] = digest
-        rec[CHECKPOINT_ROUND] = int(checkpoint_round)
-        content[f"{DOWNLOAD}.{task.client}"] = ArrayRecord({"payload": payload_array(task.download)})
-        content[f"{TASK}.{task.client}"] = rec
-    return content
-
-
-def _read_one_task(content: RecordDict, client: int) -> tuple[ClientTask, str, int]:
-    rec = content.config_records[f"{TASK}.{client}"]
-    kwargs: dict[str, Any] = {"download": _payload_of(content, f"{DOWNLOAD}.{client}")}
-    for f in dataclasses.fields(ClientTask):
-        if f.name == "download":
-            continue
-        prefix = f"{f.name}."
-        nested = {k[len(prefix):]: v for k, v in rec.items() if k.startswith(prefix)}
-        if nested:
-            kwargs[f.name] = CodecSpec(**nested)
-        elif f.name in rec:
-            kwargs[f.name] = rec[f.name]
-    try:
-        task = ClientTask(**kwargs)
-    except TypeError as exc:
-        raise ProtocolError(f"train message: {exc}") from None
-    if task.client != client:
-        raise ProtocolError(f"train message: record {TASK}.{client} holds client {task.client}'s task")
+            if f.name == "codec_up":
+                prefix = f"{f.name}."
+                kwargs[f.name] = CodecSpec(**{k[len(prefix):]: v for k, v in row.items() if k.startswith(prefix)})
+            elif f.name in row:
+                kwargs[f.name] = row[f.name]
+        try:
+            tasks.append(ClientTask(**kwargs))
+        except TypeError as exc:
+            raise ProtocolError(f"train message: {exc}") from None
     digest = rec.get(CONFIG_DIGEST)
     if not isinstance(digest, str):
         raise ProtocolError("train message has no config digest")
     checkpoint_round = rec.get(CHECKPOINT_ROUND, 0)
     if not isinstance(checkpoint_round, int) or isinstance(checkpoint_round, bool) or checkpoint_round < 0:
         raise ProtocolError(f"train message: {CHECKPOINT_ROUND} must be an int >= 0, got {checkpoint_round!r}")
-    return task, digest, checkpoint_round
-
-
-def read_tasks(content: RecordDict) -> tuple[list[ClientTask], str, int]:
-    """(tasks, config digest, the round of the server's last checkpoint) from a train message."""
-    clients = sorted(c for k in content.config_records if (c := _client_of(k, TASK)) is not None)
-    if not clients:
-        raise ProtocolError(f"train message has no '{TASK}.<client>' record (records: {sorted(content.keys())})")
-    read = [_read_one_task(content, c) for c in clients]
-    if len({(d, k) for _, d, k in read}) != 1:
-        raise ProtocolError("train message: its tasks disagree on the config digest or checkpoint round")
-    return [t for t, _, _ in read], read[0][1], read[0][2]
+    return tasks, digest, checkpoint_round
 
 
 # ------------------------------------------------------------------ replies
 
 def reply_content(replies: list[tuple[int, int, ClientReply]]) -> RecordDict:
     """A node's reply: (client, round, ClientReply) for each task it was sent."""
-    content = RecordDict()
-    for client, round_, reply in replies:
-        content[f"{UPLOAD}.{client}"] = ArrayRecord({"payload": payload_array(reply.payload)})
-        content[f"{REPLY}.{client}"] = MetricRecord({"num_examples": int(reply.num_examples),
-                                                     "train_loss": float(reply.train_loss),
-                                                     "nonzeros": int(reply.nonzeros)})
-        content[f"{CLIENT}.{client}"] = ConfigRecord({"client": int(client), "round": int(round_)})
-        if reply.extra:
-            extra = ConfigRecord()
-            for k, v in reply.extra.items():
-                _put_scalar(extra, str(k), v, "ClientReply.extra")
-            content[f"{REPLY_EXTRA}.{client}"] = extra
-    return content
+    if not replies:
+        raise ValueError("a reply needs at least one client's upload")
+    rec = ConfigRecord({CLIENTS: [int(c) for c, _, _ in replies]})
+    rows = []
+    for _, round_, reply in replies:
+        row = {"round": int(round_), "num_examples": int(reply.num_examples), "train_loss": float(reply.train_loss),
+               "nonzeros": int(reply.nonzeros)}
+        row.update({f"extra.{k}": v for k, v in reply.extra.items()})
+        rows.append(row)
+    if len({tuple(r) for r in rows}) != 1:
+        raise TypeError("ClientReply.extra must have the same keys for every client of a reply")
+    _pack(rows, rec, "ClientReply")
+    arrays = ArrayRecord({str(c): payload_array(reply.payload) for c, _, reply in replies})
+    return RecordDict({REPLIES: rec, UPLOADS: arrays})
 
 
 def read_replies(content: RecordDict) -> list[tuple[int, int, ClientReply]]:
     """[(client, round, ClientReply)] from a node's train reply."""
-    clients = sorted(c for k in content.config_records if (c := _client_of(k, CLIENT)) is not None)
-    if not clients:
-        raise ProtocolError(f"train reply has no '{CLIENT}.<client>' record (records: {sorted(content.keys())})")
+    if REPLIES not in content.config_records:
+        raise ProtocolError(f"train reply has no '{REPLIES}' record (records: {sorted(content.keys())})")
+    rec = content.config_records[REPLIES]
+    clients = _clients(rec, "train reply")
+    payloads = _payloads(content, UPLOADS, clients, "train reply")
     out = []
-    for c in clients:
-        if f"{REPLY}.{c}" not in content.metric_records:
-            raise ProtocolError(f"train reply lacks '{REPLY}.{c}'")
-        m, who = content.metric_records[f"{REPLY}.{c}"], content.config_records[f"{CLIENT}.{c}"]
-        extra_key = f"{REPLY_EXTRA}.{c}"
-        extra = dict(content.config_records[extra_key]) if extra_key in content.config_records else {}
+    for c, row in zip(clients, _unpack(rec, len(clients), (CLIENTS,)), strict=True):
+        extra = {k[len("extra."):]: v for k, v in row.items() if k.startswith("extra.")}
         try:
-            reply = ClientReply(payload=_payload_of(content, f"{UPLOAD}.{c}"), num_examples=int(m["num_examples"]),
-                                train_loss=float(m["train_loss"]), nonzeros=int(m["nonzeros"]), extra=extra)
-            client, round_ = int(who["client"]), int(who["round"])
+            reply = ClientReply(payload=payloads[c], num_examples=int(row["num_examples"]),
+                                train_loss=float(row["train_loss"]), nonzeros=int(row["nonzeros"]), extra=extra)
+            round_ = int(row["round"])
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolError(f"train reply for client {c}: {exc!r}") from None
-        if client != c:
-            raise ProtocolError(f"train reply: record {CLIENT}.{c} names client {client}")
-        out.append((client, round_, reply))
+        out.append((c, round_, reply))
     return out
 
 
