@@ -316,7 +316,11 @@ def run_server(grid: Grid, cfg: CellmConfig | None, out: str | Path | None,
             finally:
                 rec.close()
             result = rec.finish(state, setup)
-        strategy.finish()
+        try:
+            strategy.finish()
+        except Exception as exc:  # noqa: BLE001 - the run is complete and saved; only the nodes' cleanup failed
+            log.warning("run finished, but telling the nodes failed (%s); their state dirs keep run %s",
+                        exc, strategy.run_id[:12])
         return result
 
 
