@@ -297,6 +297,8 @@ def _load_base(spec: ModelSpec, num_labels: int | None, cache_dir: str | None):
         os.replace(tmp, folder)
     except OSError as exc:  # a read-only or full disk: run without the cache
         shutil.rmtree(tmp, ignore_errors=True)
+        if (folder / "config.json").is_file():
+            return model, tok  # another process on this machine kept the same entry first: nothing lost
         warnings.warn(f"could not keep the de-quantized model under {folder.parent} ({exc}); "
                       "it is de-quantized again at the next load", stacklevel=2)
     return model, tok
