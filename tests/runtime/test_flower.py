@@ -687,8 +687,10 @@ def test_loopback_deployment_survives_a_killed_serverapp_and_a_killed_supernode(
             _signal_pid(p, signal.SIGKILL)
         time.sleep(1)
         assert not (out / rf.SUMMARY).exists()
-        submit("--resume", str(out))
-        wait_for("the resumed run's summary", lambda: (out / rf.SUMMARY).exists(), 180)
+        # The nodes may still be busy with the dead run's tasks until the SuperLink ends that run (its ServerApp's
+        # heartbeat lapses), so the resumed run waits longer for them than a fresh one.
+        submit("--resume", str(out), "--node-wait-s", "300")
+        wait_for("the resumed run's summary", lambda: (out / rf.SUMMARY).exists(), 420)
         embedded = cellm.run(tiny(*overrides), save=False)
         for ra, rb in zip(embedded.metrics, rows(out), strict=True):
             assert {k: ra.get(k) for k in LEDGER_KEYS} == {k: rb.get(k) for k in LEDGER_KEYS}
