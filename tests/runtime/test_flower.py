@@ -687,10 +687,19 @@ def test_loopback_deployment_survives_a_killed_serverapp_and_a_killed_supernode(
             _signal_pid(p, signal.SIGKILL)
         time.sleep(1)
         assert not (out / rf.SUMMARY).exists()
-        # The nodes may still be busy with the dead run's tasks until the SuperLink ends that run (its ServerApp's
-        # heartbeat lapses), so the resumed run waits longer for them than a fresh one.
-        submit("--resume", str(out), "--node-wait-s", "300")
-        wait_for("the resumed run's summary", lambda: (out / rf.SUMMARY).exists(), 420)
+        # As the README says: resume once the SuperLink has ended the dead run (its ServerApp's heartbeat lapses)
+        # and the nodes have let go of its tasks. Submitted while they still ran them, the new run's setup query
+        # was seen to go unanswered on a loaded machine.
+        def dead_run_ended() -> bool:
+            r = subprocess.run([str(Path(sys.executable).parent / "flwr"), "ls", "faults", "--format", "json"],
+                               capture_output=True, text=True, timeout=60, cwd=tmp_path, env=child_env())
+            runs = json.loads(r.stdout)["runs"] if r.returncode == 0 else []
+            clientapps = [p for p in procs.descendants() if b"flwr-clientapp" in _cmdline(p)]
+            return bool(runs) and all(x["status"].startswith("finished") for x in runs) and not clientapps
+
+        wait_for("the SuperLink to end the dead run", dead_run_ended, 240)
+        submit("--resume", str(out))
+        wait_for("the resumed run's summary", lambda: (out / rf.SUMMARY).exists(), 240)
         embedded = cellm.run(tiny(*overrides), save=False)
         for ra, rb in zip(embedded.metrics, rows(out), strict=True):
             assert {k: ra.get(k) for k in LEDGER_KEYS} == {k: rb.get(k) for k in LEDGER_KEYS}
