@@ -133,6 +133,28 @@ class FaultsConfig:
     client_time_s: float = _f(10.0, "Embedded runtime: median simulated duration of a client's round (for the deadline).", gt=0)
     time_sigma: float = _f(0.5, "Embedded runtime: lognormal spread of simulated client durations.", ge=0)
     norm_factor: float = _f(0.0, "Reject an upload whose L2 norm exceeds this times the round's median norm; 0 = off.")
+    byzantine: float = _f(0.0, "Simulated attackers: the share of each round's sampled clients that send a "
+                               "hostile upload (round(share * m), at least one when > 0); 0 = none.", ge=0, le=1)
+    attack: str = _f("scale", "What a simulated attacker sends, made from its honest upload: scale (times "
+                              "faults.attack_scale), signflip (times -faults.attack_scale), random (Gaussian "
+                              "noise of faults.attack_scale times the honest norm).", ("scale", "signflip", "random"))
+    attack_scale: float = _f(1e30, "The attackers' factor.", gt=0)
+
+
+@dataclass
+class RobustConfig:
+    clip_factor: float = _f(3.0, "Scale every upload down to at most this times the lower median L2 norm of the "
+                                 "round's uploads and of the last robust.history_rounds rounds' (clipped) ones, "
+                                 "before aggregating: no single client moves the model by more than that. "
+                                 "0 = off.", ge=0)
+    max_norm: float = _f(0.0, "An absolute L2 bound on every upload as well (also with one upload); 0 = none.", ge=0)
+    history_rounds: int = _f(3, "Rounds of past upload norms that the relative bound also looks at.", ge=0)
+    aggregator: str = _f("mean", "How the bounded uploads are combined: mean (FLASC; fl.aggregation applies), "
+                                 "trimmed_mean or median (coordinate-wise; an entry not sent counts as 0), or "
+                                 "krum (the upload closest to its neighbours).",
+                         ("mean", "trimmed_mean", "median", "krum"))
+    trim_fraction: float = _f(0.2, "trimmed_mean: the share of values cut at each end, per coordinate.", ge=0, lt=0.5)
+    krum_byzantine: int = _f(1, "krum: the number of attackers f it assumes among a round's uploads.", ge=0)
 
 
 @dataclass
@@ -179,6 +201,7 @@ class CellmConfig:
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Evaluation."})
     run: RunConfig = field(default_factory=RunConfig, metadata={"help": "Run folder and checkpoints."})
     faults: FaultsConfig = field(default_factory=FaultsConfig, metadata={"help": "Dropouts, deadlines, rejection."})
+    robust: RobustConfig = field(default_factory=RobustConfig, metadata={"help": "Bounding and combining uploads against hostile clients."})
     dp: DPConfig = field(default_factory=DPConfig, metadata={"help": "Differential privacy."})
     hetero: HeteroConfig = field(default_factory=HeteroConfig, metadata={"help": "Client tiers."})
     slora: SLoRAConfig = field(default_factory=SLoRAConfig, metadata={"help": "SLoRA's sparse first stage."})
@@ -408,6 +431,14 @@ def validate(cfg: CellmConfig) -> None:
     fa = cfg.faults
     _check(fa.norm_factor == 0 or fa.norm_factor >= 1, "faults.norm_factor",
            f"must be 0 (off) or >= 1; got {fa.norm_factor}")
+    rb = cfg.robust
+    _check(rb.clip_factor == 0 or rb.clip_factor >= 1, "robust.clip_factor",
+           f"must be 0 (off) or >= 1 (below 1 every honest upload would be cut); got {rb.clip_factor}")
+    if rb.aggregator != "mean":
+        _check(f.aggregation == "mean", "fl.aggregation", f"must be 'mean' with robust.aggregator = "
+               f"'{rb.aggregator}' (example-count weights apply to the mean only)")
+        _check(cfg.dp.noise_multiplier == 0, "robust.aggregator", "must be 'mean' with differential privacy "
+               "(dp.noise_multiplier > 0): the noise is calibrated to a sum of clipped uploads")
     h = cfg.hetero
     if h.mode == "rank":
         _check(m.lora_rank >= 4 ** (h.num_tiers - 1), "hetero.num_tiers",

@@ -1,3 +1,5 @@
+import dataclasses
+
 import torch
 
 import cellm
@@ -17,7 +19,34 @@ def test_in_delta_download_mode_each_clients_copy_matches_the_servers_record_of_
     cfg, state, sim = _run(cache_dir, "comm.download_mode=delta", "comm.down_density=0.25", "fl.clients_per_round=5")
     assert state.client_copies
     for c, copy in state.client_copies.items():
-        assert torch.equal(sim.client_states[c].copy, copy)
+        assert torch.equal(sim.client_states[c].settle(state.acked[c]).copy, copy)
+
+
+def test_delta_copies_stay_in_step_when_uploads_are_refused(cache_dir, monkeypatch):
+    """A refused upload must not advance the server's copy of that client, nor (once the next task says so) the
+    client's own: otherwise the two copies differ for good and every later delta is applied to the wrong base."""
+    import cellm.runtime.driver as D
+
+    real = D.simulate_attacks
+
+    def refuse_some(cfg, plan, replies):  # every other sampled client's upload arrives torn
+        for c in plan.clients[::2]:
+            if c in replies:
+                replies[c] = dataclasses.replace(replies[c], payload=replies[c].payload[:7])
+        return real(cfg, plan, replies)
+
+    monkeypatch.setattr(D, "simulate_attacks", refuse_some)
+    cfg, state, sim = _run(cache_dir, "comm.download_mode=delta", "comm.down_density=0.25",
+                           "comm.error_feedback_up=true", "comm.up_density=0.25", "rounds=6", "fl.clients_per_round=4")
+    refused = sum(r.get("rejected", 0) for r in state.metrics)
+    assert refused >= 6
+    for c, st in sim.client_states.items():
+        settled = st.settle(state.acked.get(c, 0))
+        server_copy = state.client_copies.get(c)
+        if server_copy is None:  # never accepted: both sides still hold the reference
+            assert st.pending_round and state.acked.get(c, 0) == 0
+        else:
+            assert torch.equal(settled.copy, server_copy), f"client {c} and the server disagree on its copy"
 
 
 def test_a_dense_lossless_delta_download_gives_the_client_the_exact_global_adapter(cache_dir):
@@ -37,7 +66,7 @@ def test_a_dense_lossless_delta_download_gives_the_client_the_exact_global_adapt
         for c in sample_clients(cfg.seed, t, cfg.data.num_clients, cfg.fl.clients_per_round):
             rounds_of[c] = t
     for c in last_clients:
-        assert torch.allclose(sim.client_states[c].copy, snapshots[rounds_of[c] - 1], rtol=0, atol=1e-7)
+        assert torch.allclose(sim.client_states[c].pending_copy, snapshots[rounds_of[c] - 1], rtol=0, atol=1e-7)
 
 
 def test_delta_downloads_get_cheaper_than_weight_downloads_once_clients_hold_a_copy(cache_dir):
@@ -48,7 +77,7 @@ def test_delta_downloads_get_cheaper_than_weight_downloads_once_clients_hold_a_c
 
 def test_upload_error_feedback_keeps_a_residual_per_client_across_rounds(cache_dir):
     _, state, sim = _run(cache_dir, "comm.error_feedback_up=true", "comm.up_density=0.1")
-    assert sim.client_states and all(s.residual is not None and s.residual.abs().sum() > 0
+    assert sim.client_states and all(s.pending_residual is not None and s.pending_residual.abs().sum() > 0
                                      for s in sim.client_states.values())
 
 

@@ -47,14 +47,52 @@ class ClientTask:
     download_masked: bool = False  # the download is a top-k part (its positions are the mask M), not everything
     init_digest: str = ""  # init-relative download: digest of the seeded init w0 the client must regenerate
     stage: int = 0  # SLoRA: 1 = train the seeded subset of the target weights, 2 = LoRA; 0 = a one-stage run
+    acked_round: int = 0  # the last round whose upload from this client the server accepted (0: none)
 
 
 @dataclass
 class ClientState:
-    """What a client keeps between the rounds it takes part in (nothing, in FLASC's default)."""
+    """What a client keeps between the rounds it takes part in (nothing, in FLASC's default).
+
+    A client cannot know whether the server accepted its upload (it may be late, refused, or lost), so the
+    state after a round is kept *pending* beside the state before it. The next task says which round the server
+    last accepted from this client (``ClientTask.acked_round``); :meth:`settle` keeps the pending state only if
+    that is its round. A refused or late upload therefore leaves client and server where the server thinks they
+    are: its round never happened, as for a client that dropped out.
+    """
 
     residual: torch.Tensor | None = None  # upload error feedback
     copy: torch.Tensor | None = None  # last global adapter received (delta download mode)
+    pending_round: int = 0  # the round whose outcome is not known yet (0: none)
+    pending_residual: torch.Tensor | None = None
+    pending_copy: torch.Tensor | None = None
+
+    TENSORS = ("residual", "copy", "pending_residual", "pending_copy")
+
+    def settle(self, acked_round: int) -> ClientState:
+        """The state to start a round from, given the server's last accepted round for this client."""
+        if not self.pending_round:
+            return ClientState(self.residual, self.copy)
+        if acked_round == self.pending_round:
+            return ClientState(self.pending_residual, self.pending_copy)
+        return ClientState(self.residual, self.copy)
+
+    def keeps_anything(self) -> bool:
+        return any(getattr(self, k) is not None for k in self.TENSORS)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors to keep on disk or in a checkpoint (``pending_round`` travels beside them)."""
+        return {k: getattr(self, k).detach().cpu().contiguous() for k in self.TENSORS
+                if isinstance(getattr(self, k), torch.Tensor)}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], pending_round: int = 0) -> ClientState:
+        unknown = set(tensors) - set(cls.TENSORS)
+        if unknown:
+            raise ValueError(f"client state has unknown tensors {sorted(unknown)}")
+        if not isinstance(pending_round, int) or isinstance(pending_round, bool) or pending_round < 0:
+            raise ValueError(f"client state pending_round must be an int >= 0, got {pending_round!r}")
+        return cls(pending_round=pending_round, **{k: tensors[k].to(torch.float32) for k in tensors})
 
 
 @dataclass
@@ -145,6 +183,7 @@ def client_update(
     ``w0`` is the seeded initial adapter this client regenerated; an init-relative task (``init_digest`` set)
     adds the download to it, after checking that it is the server's w0 (InitMismatchError otherwise).
     """
+    state = state.settle(task.acked_round)
     t0 = time.perf_counter()
     msg = decode(task.download, max_n=flat.numel, expected_n=flat.numel)
     received = msg.to_dense()
@@ -183,8 +222,9 @@ def client_update(
                                            support=grad_mask)
     codec_s += time.perf_counter() - t0
     new_state = ClientState(
-        residual=new_residual if task.error_feedback else None,
-        copy=start if task.download_mode == "delta" else None,
+        residual=state.residual, copy=state.copy, pending_round=task.round,
+        pending_residual=new_residual if task.error_feedback else None,
+        pending_copy=start if task.download_mode == "delta" else None,
     )
     return ClientReply(payload, len(data), loss, sent.k, {"codec_s": codec_s}), new_state
 

@@ -6,12 +6,14 @@ All server state lives in one object, :class:`ServerState`, that can be saved an
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from cellm.config import CellmConfig
+from cellm.core import robust
 from cellm.core.aggregate import aggregate
 from cellm.core.codec import CodecError, CodecSpec, decode, roundtrip
 from cellm.core.dp import private_mean
@@ -85,13 +87,16 @@ class ServerState:
     client_copies: dict[int, torch.Tensor] = field(default_factory=dict)  # delta mode: each client's copy
     w0: torch.Tensor | None = None  # the seeded initial adapter, which every client regenerates (never sent)
     stage: int = 0  # 0: a one-stage run; SLoRA: 1 (sparse subset of the target weights), then 2 (LoRA)
+    acked: dict[int, int] = field(default_factory=dict)  # stateful clients: the last round accepted from each
+    norm_history: list[list[float]] = field(default_factory=list)  # the last rounds' clipped upload norms
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "w": self.w, "round": self.round, "opt_state": self.opt_state, "frozen_mask": self.frozen_mask,
             "ledger": self.ledger.state_dict(), "metrics": self.metrics,
             "client_copies": {str(k): v for k, v in self.client_copies.items()}, "w0": self.w0,
-            "stage": self.stage,
+            "stage": self.stage, "acked": {str(k): v for k, v in self.acked.items()},
+            "norm_history": [list(r) for r in self.norm_history],
         }
 
     @classmethod
@@ -99,7 +104,8 @@ class ServerState:
         return cls(w=s["w"], round=int(s["round"]), opt_state=s["opt_state"], frozen_mask=s["frozen_mask"],
                    ledger=Ledger.from_state_dict(s["ledger"]), metrics=list(s["metrics"]),
                    client_copies={int(k): v for k, v in s["client_copies"].items()}, w0=s.get("w0"),
-                   stage=int(s.get("stage", 0)))
+                   stage=int(s.get("stage", 0)), acked={int(k): int(v) for k, v in s.get("acked", {}).items()},
+                   norm_history=[[float(x) for x in r] for r in s.get("norm_history", [])])
 
     @classmethod
     def initial(cls, w0: torch.Tensor, stage: int = 0) -> ServerState:
@@ -171,8 +177,8 @@ def model_weights(state: ServerState, cfg: CellmConfig, round_: int) -> torch.Te
 
 
 def weights_download(state: ServerState, cfg: CellmConfig, round_: int, d_down: float, spec: CodecSpec,
-                     support: torch.Tensor | None = None) -> tuple[bytes, int, bool]:
-    """(payload, nonzeros sent, masked) of a weights-mode download: M * (w - ref) at the mask's positions.
+                     support: torch.Tensor | None = None) -> tuple[bytes, int, torch.Tensor | None]:
+    """(payload, nonzeros sent, mask M or None when dense) of a weights-mode download: M * (w - ref) at the mask's positions.
 
     Without client_freeze, entries equal to ref carry nothing and are left out (round 1 of an init-relative
     run sends no value at all). With client_freeze the client needs M itself, so every position of M is sent.
@@ -183,7 +189,7 @@ def weights_download(state: ServerState, cfg: CellmConfig, round_: int, d_down: 
         payload, received = roundtrip(SparseVector.from_mask(diff, mask), spec)
     else:
         payload, received, _ = compress(diff, 1.0, spec)
-    return payload, received.k, mask is not None
+    return payload, received.k, mask
 
 
 @dataclass
@@ -193,6 +199,8 @@ class RoundPlan:
     d_down: float
     d_up: float
     tasks: dict[int, ClientTask]
+    copies: dict[int, torch.Tensor] = field(default_factory=dict)  # delta mode: each copy once accepted
+    supports: dict[int, torch.Tensor] = field(default_factory=dict)  # where each client's upload may lie
 
 
 def plan_round(state: ServerState, cfg: CellmConfig, supports: dict[int, torch.Tensor] | None = None,
@@ -207,7 +215,9 @@ def plan_round(state: ServerState, cfg: CellmConfig, supports: dict[int, torch.T
     clients = sample_clients(cfg.seed, t, cfg.data.num_clients, cfg.fl.clients_per_round, available)
     spec_down, spec_up = codec_spec(cfg, "down"), codec_spec(cfg, "up")
     tasks: dict[int, ClientTask] = {}
-    shared: dict[int | None, tuple[bytes, int, bool]] = {}  # weights mode: one payload per tier
+    copies: dict[int, torch.Tensor] = {}
+    allowed_of: dict[int, torch.Tensor] = {}
+    shared: dict[int | None, tuple[bytes, int, torch.Tensor | None]] = {}  # weights mode: one payload per tier
     digest = vector_digest(state.w0) if cfg.comm.init_relative else ""
     for c in clients:
         tier = tier_of(cfg, c)
@@ -218,19 +228,30 @@ def plan_round(state: ServerState, cfg: CellmConfig, supports: dict[int, torch.T
             if copy is None:
                 copy = reference(state, cfg)
             payload, received, _ = compress(state.w - copy, cd_down, spec_down, support=state.frozen_mask)
-            state.client_copies[c] = copy + received.to_dense()
+            copies[c] = copy + received.to_dense()  # becomes the server's copy only if c's upload is accepted
             nnz, masked = received.k, received.k < received.n
+            mask = None
+            if masked and cfg.comm.client_freeze:
+                mask = torch.zeros(state.w.numel(), dtype=torch.bool)
+                mask[received.indices] = True
         else:
             if tier not in shared:
                 shared[tier] = weights_download(state, cfg, t, cd_down, spec_down, support)
-            payload, nnz, masked = shared[tier]
+            payload, nnz, mask = shared[tier]
+            masked = mask is not None
+        allowed = mask if (cfg.comm.client_freeze and mask is not None) else support
+        if allowed is not None and support is not None:
+            allowed = allowed & support
+        if allowed is not None:
+            allowed_of[c] = allowed
         state.ledger.record(t, "down", len(payload), nnz, tier=None if tier is None else str(tier))
         tasks[c] = ClientTask(round=t, client=c, download=payload, up_density=cd_up, codec_up=spec_up,
                               download_mode=cfg.comm.download_mode, client_freeze=cfg.comm.client_freeze,
                               error_feedback=cfg.comm.error_feedback_up,
                               support_rank=tier_rank(cfg, tier) if support is not None else 0,
-                              download_masked=masked, init_digest=digest, stage=state.stage)
-    return RoundPlan(t, clients, d_down, d_up, tasks)
+                              download_masked=masked, init_digest=digest, stage=state.stage,
+                              acked_round=state.acked.get(c, 0))
+    return RoundPlan(t, clients, d_down, d_up, tasks, copies, allowed_of)
 
 
 @dataclass
@@ -240,27 +261,40 @@ class RoundOutcome:
     missing: dict[int, str]
     train_loss: float
     applied: bool
+    clipped: int = 0  # uploads scaled down to the round's bound (robust.clip_factor, robust.max_norm)
+    attacked: list[int] = field(default_factory=list)  # set by the driver: the simulated attackers' clients
     overhead_s: float = 0.0  # set by the runtime: coding, aggregation and server-step time of the round
     transport: tuple[int, int] | None = None  # set by a runtime that wraps payloads: (down, up) bytes it sent
 
 
-def check_upload(payload: bytes, n: int, max_k: int | None = None) -> SparseVector:
-    """Strictly decode one client's upload; any defect raises CodecError before it can reach the model."""
+def check_upload(payload: bytes, n: int, max_k: int | None = None,
+                 support: torch.Tensor | None = None) -> SparseVector:
+    """Strictly decode one client's upload; any defect raises CodecError before it can reach the model.
+
+    ``support`` (boolean, N): where the client may have changed anything (its rank tier, its download's mask
+    under client_freeze); an entry outside it is refused, not silently dropped.
+    """
     sv = decode(payload, max_n=n, expected_n=n)
     if not bool(torch.isfinite(sv.values).all()):
         raise CodecError("upload has non-finite values")
     if max_k is not None and sv.k > max_k:
         raise CodecError(f"upload has {sv.k} entries, more than the {max_k} its density allows")
+    if support is not None and sv.k and not bool(support[sv.indices].all()):
+        outside = int((~support[sv.indices]).sum())
+        raise CodecError(f"upload has {outside} entries outside the client's support")
     return sv
 
 
 def finish_round(state: ServerState, cfg: CellmConfig, plan: RoundPlan, replies: dict[int, ClientReply],
-                 missing: dict[int, str] | None = None) -> RoundOutcome:
-    """Decode and check every reply, aggregate the good ones, step the server optimizer, advance the round.
+                 missing: dict[int, str] | None = None, sizes: Mapping[int, int] | None = None) -> RoundOutcome:
+    """Decode and check every reply, bound and aggregate the good ones, step the server optimizer, advance.
 
-    A reply that fails decoding, has non-finite values, more entries than its density allows, or (with
-    faults.norm_factor) a norm far above the round's median is rejected: counted, never applied. A round with
-    no accepted reply leaves the model unchanged.
+    A reply that fails decoding, has non-finite values, more entries than its density allows, entries outside
+    the client's support, or (with faults.norm_factor) a norm far above the round's median is rejected: counted,
+    never applied. The others are scaled down to the round's L2 bound (robust.*), then combined: DP's noisy mean,
+    the mean (weighted by the partition sizes the server knows, ``sizes``, never by what a client claims), or a
+    robust rule. A round with no accepted reply leaves the model unchanged. Stateful clients: the server's copy
+    and the acknowledged round advance only for the accepted ones.
     """
     t = plan.round
     n = state.w.numel()
@@ -272,7 +306,7 @@ def finish_round(state: ServerState, cfg: CellmConfig, plan: RoundPlan, replies:
         try:
             if c not in plan.tasks:
                 raise CodecError(f"client {c} was not sampled this round")
-            sv = check_upload(reply.payload, n, num_kept(n, plan.tasks[c].up_density))
+            sv = check_upload(reply.payload, n, num_kept(n, plan.tasks[c].up_density), plan.supports.get(c))
         except CodecError as exc:
             state.ledger.record(t, "up", len(reply.payload), 0, tier=None if tier is None else str(tier))
             rejected[c] = str(exc)
@@ -280,30 +314,56 @@ def finish_round(state: ServerState, cfg: CellmConfig, plan: RoundPlan, replies:
         state.ledger.record(t, "up", len(reply.payload), sv.k, tier=None if tier is None else str(tier))
         good.append((c, sv, reply))
     if cfg.faults.norm_factor > 0 and len(good) >= 3:
-        norms = torch.tensor([float(torch.linalg.vector_norm(sv.values)) for _, sv, _ in good])
+        norms = torch.tensor([robust.norm(sv) for _, sv, _ in good])
         limit = cfg.faults.norm_factor * float(norms.median())
         kept = []
         for (c, sv, r), nrm in zip(good, norms.tolist(), strict=True):
             if nrm > limit:
-                rejected[c] = f"upload norm {nrm:.3g} exceeds {cfg.faults.norm_factor:g} x the round median"
+                rejected[c] = f"upload norm {nrm:.3g} exceeds {cfg.faults.norm_factor:g} x the round's median"
             else:
                 kept.append((c, sv, r))
         good = kept
+    rb = cfg.robust
+    clipped = 0
+    if good and (rb.clip_factor > 0 or rb.max_norm > 0):
+        history = [x for r in state.norm_history for x in r]
+        bound = robust.clip_bound([robust.norm(sv) for _, sv, _ in good], history, rb.clip_factor, rb.max_norm)
+        bounded = []
+        for c, sv, r in good:
+            sv, cut = robust.clip(sv, bound)
+            clipped += int(cut)
+            bounded.append((c, sv, r))
+        good = bounded
+        if rb.history_rounds:
+            state.norm_history = [*state.norm_history, [robust.norm(sv) for _, sv, _ in good]][-rb.history_rounds:]
     applied = False
     if good:
         deltas = [sv for _, sv, _ in good]
         if cfg.dp.noise_multiplier > 0:
             gen = torch.Generator().manual_seed(derive(cfg.seed, t, -1, DP_NOISE))
             grad = private_mean(deltas, cfg.dp.clip_norm, cfg.dp.noise_multiplier, gen)
+        elif rb.aggregator != "mean":
+            grad = robust.combine(deltas, rb.aggregator, trim=rb.trim_fraction, byzantine=rb.krum_byzantine)
         else:
-            weights = [r.num_examples for _, _, r in good] if cfg.fl.aggregation == "weighted" else None
+            weights = None
+            if cfg.fl.aggregation == "weighted":
+                if sizes is None:
+                    raise ValueError("fl.aggregation = 'weighted' needs the clients' partition sizes")
+                weights = [max(int(sizes[c]), 0) for c, _, _ in good]
+                if sum(weights) <= 0:
+                    weights = None
             grad = aggregate(deltas, weights)
         state.w, state.opt_state = server_step(state.w, grad, state.opt_state, server_opt_spec(cfg))
         applied = True
+        if cfg.comm.error_feedback_up or cfg.comm.download_mode == "delta":
+            for c, _, _ in good:
+                state.acked[c] = t
+                if c in plan.copies:
+                    state.client_copies[c] = plan.copies[c]
     if cfg.comm.freeze_mask_after and t == cfg.comm.freeze_mask_after and state.frozen_mask is None:
         d_down, _ = densities(cfg, t + 1)
         state.frozen_mask = topk_mask(relative_weights(state, cfg), d_down)
     state.round = t
-    losses = [r.train_loss for _, _, r in good]
+    losses = [r.train_loss for _, _, r in good if math.isfinite(r.train_loss)]
     loss = sum(losses) / len(losses) if losses else math.nan
-    return RoundOutcome([c for c, _, _ in good], rejected, dict(missing or {}), loss, applied)
+    return RoundOutcome([c for c, _, _ in good], rejected, dict(missing or {}), loss, applied, clipped)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import tomllib
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -84,6 +85,9 @@ def load_sweep(path: str | Path) -> Sweep:
     return sweep
 
 
+_METHOD_NAME = re.compile(r"[A-Za-z0-9_.+=/-]{1,100}")
+
+
 def check_sweep(sweep: Sweep) -> None:
     """Every method resolves to a valid config before anything runs."""
     if not sweep.methods:
@@ -93,13 +97,23 @@ def check_sweep(sweep: Sweep) -> None:
         raise ConfigError(f"sweep seeds must be distinct integers >= 0; got {sweep.seeds}")
     if sweep.reference not in sweep.methods:
         raise ConfigError(f"sweep reference '{sweep.reference}' is not among its methods {sweep.methods}")
+    folders: dict[str, str] = {}
     for m in sweep.methods:
+        if not isinstance(m, str) or not _METHOD_NAME.fullmatch(m) or m.replace("/", "_").startswith("."):
+            raise ConfigError(f"sweep method name {m!r} must be letters, digits and . _ + = / - and not start with "
+                              "'.' (it names the method's folder)")
+        folder = m.replace("/", "_")
+        if folder in folders:
+            raise ConfigError(f"sweep methods {folders[folder]!r} and {m!r} would share the folder runs/{folder}")
+        folders[folder] = m
         if m not in sweep.custom and m not in METHODS:
             raise ConfigError(f"unknown method '{m}' (built in: {', '.join(METHODS)}; or define [custom.{m}])")
         sweep.config_for(m)
 
 
 def method_dir(out: Path, method: str, seed: int | None = None) -> Path:
+    if not _METHOD_NAME.fullmatch(method) or method.replace("/", "_").startswith("."):
+        raise ConfigError(f"method name {method!r} cannot name a folder")
     d = out / "runs" / method.replace("/", "_")
     return d if seed is None else d / f"seed{seed}"
 
@@ -111,7 +125,7 @@ def _label(method: str, seed: int | None) -> str:
 def _status(d: Path) -> str:
     if (d / rf.SUMMARY).exists():
         return "done"
-    if (d / rf.CHECKPOINT).exists():
+    if rf.checkpoint_path(d) is not None:  # a legacy pickle one too: resume() refuses it, nothing is deleted
         return "resume"
     return "new"
 

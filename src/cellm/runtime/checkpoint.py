@@ -43,20 +43,23 @@ def save(out_dir: Path, cfg: CellmConfig, state: ServerState, run_id: str, runti
     rf.save_checkpoint(out_dir, {
         "format": FORMAT, "config": cfg.to_toml(), "server": state.state_dict(), "run_id": run_id,
         "runtime": runtime,
-        "clients": {str(c): {"residual": v.residual, "copy": v.copy} for c, v in (clients or {}).items()},
+        "clients": {str(c): {"tensors": v.tensors(), "pending_round": v.pending_round}
+                    for c, v in (clients or {}).items()},
     })
 
 
 def read(out_dir: Path) -> tuple[CellmConfig, dict[str, Any]]:
     """The run folder's config and checkpoint, checked against each other; ConfigError says what is wrong."""
     out_dir = Path(out_dir)
-    if not (out_dir / rf.CHECKPOINT).exists():
+    if rf.checkpoint_path(out_dir) is None:
         raise ConfigError(f"cannot resume: {out_dir / rf.CHECKPOINT} not found (run.checkpoint_every = 0, "
                           "or the run stopped before its first checkpoint)")
     cfg = load_config(out_dir / rf.CONFIG)
     try:
         ckpt = rf.load_checkpoint(out_dir)
-    except Exception as exc:  # a torn or foreign file: say which
+    except rf.CheckpointError as exc:  # a pickle, torn or foreign file: the message names it
+        raise ConfigError(f"cannot resume: {exc}") from None
+    except Exception as exc:  # any other failure to read it: say which file
         raise ConfigError(f"cannot resume: checkpoint {out_dir / rf.CHECKPOINT} is unreadable ({exc})") from None
     try:
         same = load_config(data=tomllib.loads(str(ckpt.get("config")))) == cfg
@@ -86,7 +89,16 @@ def restore(ckpt: dict[str, Any], setup: Setup, cfg: CellmConfig,
         warnings.warn(f"this run's clients kept their state (error-feedback residuals, delta-mode copies) on its "
                       f"Flower nodes; resuming it {runtime} restarts that state from zero, so the resumed rounds "
                       "differ from an uninterrupted run", stacklevel=3)
-    state = ServerState.from_state_dict(ckpt["server"])
+    where = "cannot resume: the checkpoint's"
+    try:
+        state = ServerState.from_state_dict(ckpt["server"])
+        clients = {int(c): ClientState.from_tensors(dict(v["tensors"]), int(v["pending_round"]))
+                   for c, v in ckpt.get("clients", {}).items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ConfigError(f"{where} server or client state is malformed ({type(exc).__name__}: {exc})") from None
+    if not (isinstance(state.w, torch.Tensor) and state.w.dtype == torch.float32 and state.w.dim() == 1
+            and bool(torch.isfinite(state.w).all())):
+        raise ConfigError(f"{where} global adapter is not a finite float32 vector")
     if state.stage == 2:  # SLoRA past its switch: w0 is the SVD start, not the seeded init; load stage 2
         enter_next_stage(setup, state, cfg)
     elif state.w0 is None:  # a checkpoint written before w0 was kept
@@ -94,6 +106,8 @@ def restore(ckpt: dict[str, Any], setup: Setup, cfg: CellmConfig,
     elif not torch.equal(state.w0, setup.w0):
         raise ConfigError("cannot resume: the initial adapter rebuilt from the config differs from the "
                           "checkpoint's (another torch build or model files)")
-    clients = {int(c): ClientState(**v) for c, v in ckpt.get("clients", {}).items()}
+    if state.w.numel() != setup.flat.numel:
+        raise ConfigError(f"{where} global adapter has {state.w.numel()} entries, the model's has "
+                          f"{setup.flat.numel}")
     run_id = str(ckpt.get("run_id") or new_run_id())  # a checkpoint from before run ids: a fresh one
     return state, clients, run_id

@@ -7,6 +7,7 @@ A round: plan (sample, densities, encode downloads), simulated faults, run the c
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -15,9 +16,11 @@ from typing import Any, Protocol
 import torch
 
 from cellm.config import CellmConfig, stage_config
+from cellm.core.codec import HARD_MAX_N, CodecError, decode, encode
 from cellm.core.dp import epsilon as dp_epsilon
 from cellm.federated.client import ClientReply
-from cellm.federated.faults import arrivals
+from cellm.federated.faults import ATTACK_NOISE, arrivals, attack, attackers
+from cellm.federated.seeds import derive
 from cellm.federated.server import (
     RoundOutcome,
     RoundPlan,
@@ -95,6 +98,10 @@ def metrics_row(state: ServerState, outcome: RoundOutcome | None, wall_s: float,
         row["failed"] = sum(1 for v in outcome.missing.values() if v == "failed")
         row["late"] = sum(1 for v in outcome.missing.values() if v == "late")
         row["applied"] = outcome.applied
+        if cfg.robust.clip_factor > 0 or cfg.robust.max_norm > 0:
+            row["clipped"] = outcome.clipped
+        if cfg.faults.byzantine > 0:
+            row["attacked"] = outcome.attacked
         row["overhead_s"] = round(outcome.overhead_s, 4)
         if outcome.transport is not None:  # the runtime's messages around the payloads (Flower)
             row["down_transport_bytes"], row["up_transport_bytes"] = outcome.transport
@@ -125,10 +132,33 @@ def enter_next_stage(setup: Setup, state: ServerState, cfg: CellmConfig) -> floa
     return None
 
 
+def simulate_attacks(cfg: CellmConfig, plan: RoundPlan, replies: dict[int, ClientReply]) -> list[int]:
+    """faults.byzantine: replace the chosen clients' uploads by hostile ones made from their honest uploads (an
+    attacker is not bound to the configured value codec: what it cannot carry is sent as fp32). Returns the
+    clients whose upload was replaced."""
+    fa = cfg.faults
+    chosen = [c for c in attackers(cfg.seed, plan.round, plan.clients, fa.byzantine) if c in replies]
+    for c in chosen:
+        reply, task = replies[c], plan.tasks[c]
+        try:
+            honest = decode(reply.payload, max_n=HARD_MAX_N)  # the honest upload, made by this process
+        except CodecError:
+            continue
+        gen = torch.Generator().manual_seed(derive(cfg.seed, plan.round, c, ATTACK_NOISE))
+        bad = attack(honest, fa.attack, fa.attack_scale, gen)
+        try:
+            payload = encode(bad, task.codec_up)
+        except ValueError:
+            payload = encode(bad, dataclasses.replace(task.codec_up, values="fp32"))
+        replies[c] = dataclasses.replace(reply, payload=payload)
+    return chosen
+
+
 def play_round(state: ServerState, cfg: CellmConfig, supports: dict[int, torch.Tensor] | None,
-               runner: ClientRunner) -> RoundOutcome:
+               runner: ClientRunner, sizes: list[int] | None = None) -> RoundOutcome:
     """One round with ``runner`` executing the clients; ``overhead_s`` is the time in masks, coding, decoding,
-    aggregation and the server step (not training, not evaluation). ``cfg`` is the round's stage config."""
+    aggregation and the server step (not training, not evaluation). ``cfg`` is the round's stage config;
+    ``sizes`` the clients' partition sizes as the server knows them (weighted aggregation)."""
     t0 = time.perf_counter()
     plan = plan_round(state, cfg, supports, runner.available_clients())
     plan_s = time.perf_counter() - t0
@@ -137,11 +167,14 @@ def play_round(state: ServerState, cfg: CellmConfig, supports: dict[int, torch.T
                                      fa.client_time_s, fa.time_sigma)
     missing = {c: "failed" for c in failed} | {c: "late" for c in late}
     replies, lost = runner.run_clients(plan, arrived)
+    attacked = simulate_attacks(cfg, plan, replies)
     t0 = time.perf_counter()
-    outcome = finish_round(state, cfg, plan, replies, {**missing, **lost})
+    outcome = finish_round(state, cfg, plan, replies, {**missing, **lost},
+                           None if sizes is None else dict(enumerate(sizes)))
+    outcome.attacked = attacked
     outcome.transport = getattr(runner, "transport", None)
-    outcome.overhead_s = plan_s + (time.perf_counter() - t0) + sum(
-        float(r.extra.get("codec_s", 0.0)) for r in replies.values())
+    outcome.overhead_s = plan_s + (time.perf_counter() - t0) + sum(  # a client's own timing: used only if sane
+        float(v) for r in replies.values() if isinstance(v := r.extra.get("codec_s"), int | float) and 0 <= v < 1e6)
     return outcome
 
 
@@ -153,6 +186,7 @@ def drive(cfg: CellmConfig, setup: Setup, runner: ClientRunner, state: ServerSta
     if state is None:
         state = ServerState.initial(setup.w0, setup.stage)
     supports = tier_supports(cfg, setup.flat)
+    sizes = [len(split) for split in setup.data.clients]
     if state.round == 0 and not state.metrics:
         runner.prepare()
         scfg = stage_config(cfg, state.stage)
@@ -167,7 +201,7 @@ def drive(cfg: CellmConfig, setup: Setup, runner: ClientRunner, state: ServerSta
         runner.prepare()
         kept = enter_next_stage(setup, state, cfg) if state.stage else None
         scfg = stage_config(cfg, state.stage)
-        outcome = play_round(state, scfg, supports, runner)
+        outcome = play_round(state, scfg, supports, runner, sizes)
         t = state.round
         ev = None
         e0 = time.perf_counter()

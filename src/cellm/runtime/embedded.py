@@ -39,7 +39,7 @@ class Simulator:
             st = self.client_states.get(c, ClientState())
             reply, new_state = client_update(self.setup.loaded.model, self.setup.flat, self.setup.data.clients[c],
                                              plan.tasks[c], spec, st, seed=self.cfg.seed, w0=self.setup.w0)
-            if new_state.residual is not None or new_state.copy is not None:
+            if new_state.keeps_anything():
                 self.client_states[c] = new_state
             replies[c] = reply
         return replies, {}
