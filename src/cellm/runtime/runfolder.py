@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 CONFIG, METRICS, CHECKPOINT, ADAPTER, PLOT, SUMMARY, LABELS = (
     "config.toml", "metrics.jsonl", "checkpoint.safetensors", "adapter", "plot.png", "summary.json", "labels.json")
-LEGACY_CHECKPOINT = "checkpoint.pt"  # written by cellm before 0.x as a pickle: refused, never unpickled
+LEGACY_CHECKPOINT = "checkpoint.pt"  # the older pickle format: refused, never unpickled
 _TREE_KEY = "cellm.checkpoint"
 
 
