@@ -155,6 +155,9 @@ class RobustConfig:
                          ("mean", "trimmed_mean", "median", "krum"))
     trim_fraction: float = _f(0.2, "trimmed_mean: the share of values cut at each end, per coordinate.", ge=0, lt=0.5)
     krum_byzantine: int = _f(1, "krum: the number of attackers f it assumes among a round's uploads.", ge=0)
+    min_cosine: float = _f(-1.0, "Reject an upload whose cosine similarity to the round's consensus (the "
+                                 "coordinate-wise trimmed mean) is below this, with 3 uploads or more; -1 = off.",
+                           ge=-1, le=1)
 
 
 @dataclass

@@ -79,3 +79,12 @@ def test_krum_picks_an_upload_from_the_honest_cluster():
 def test_an_unknown_rule_is_an_error():
     with pytest.raises(ValueError, match="unknown robust rule"):
         robust.combine([sv([1.0])], "mode")
+
+
+def test_a_sign_flipped_upload_points_against_the_consensus_and_honest_ones_do_not():
+    g = torch.Generator().manual_seed(1)
+    common = torch.randn(40, generator=g)
+    honest = [SparseVector.from_dense(common + 0.5 * torch.randn(40, generator=g)) for _ in range(4)]
+    flipped = SparseVector.from_dense(-3 * honest[0].values)
+    cos = robust.cosines_to_consensus([*honest, flipped])
+    assert cos[-1] < 0 < min(cos[:-1])

@@ -115,3 +115,19 @@ def combine(deltas: Sequence[SparseVector], rule: str, *, trim: float = 0.2, byz
     if rule == "krum":
         return deltas[krum_select(deltas, byzantine)].to_dense()
     raise ValueError(f"unknown robust rule {rule!r}; one of {', '.join(RULES[1:])}")
+
+
+def cosines_to_consensus(deltas: Sequence[SparseVector], trim: float = 0.2) -> list[float]:
+    """Each upload's cosine similarity to the round's coordinate-wise trimmed mean (the consensus direction: a
+    coordinate counts only where at least two uploads agree beyond the trimmed ends). A sign-flipped upload
+    points against it; an honest one along it or across it. 0 for an all-zero upload or consensus."""
+    ref = trimmed_mean(deltas, trim).to(torch.float64)
+    rn = float(torch.linalg.vector_norm(ref))
+    out = []
+    for d in deltas:
+        dn = norm(d)
+        if rn == 0.0 or dn == 0.0:
+            out.append(0.0)
+            continue
+        out.append(float((ref[d.indices] * d.values.to(torch.float64)).sum()) / (rn * dn))
+    return out

@@ -336,6 +336,15 @@ def finish_round(state: ServerState, cfg: CellmConfig, plan: RoundPlan, replies:
         good = bounded
         if rb.history_rounds:
             state.norm_history = [*state.norm_history, [robust.norm(sv) for _, sv, _ in good]][-rb.history_rounds:]
+    if rb.min_cosine > -1 and len(good) >= 3:
+        cos = robust.cosines_to_consensus([sv for _, sv, _ in good], rb.trim_fraction)
+        kept = []
+        for (c, sv, r), x in zip(good, cos, strict=True):
+            if x < rb.min_cosine:
+                rejected[c] = f"upload points against the round's consensus (cosine {x:.3g} < {rb.min_cosine:g})"
+            else:
+                kept.append((c, sv, r))
+        good = kept
     applied = False
     if good:
         deltas = [sv for _, sv, _ in good]
