@@ -143,10 +143,10 @@ class FaultsConfig:
 
 @dataclass
 class RobustConfig:
-    clip_factor: float = _f(3.0, "Scale every upload down to at most this times the lower median L2 norm of the "
-                                 "round's uploads and of the last robust.history_rounds rounds' (clipped) ones, "
-                                 "before aggregating: no single client moves the model by more than that. "
-                                 "0 = off.", ge=0)
+    clip_factor: float = _f(1.0, "Scale every upload down to at most this times the lower median L2 norm of the "
+                                 "round's uploads and of the last robust.history_rounds rounds' (bounded) ones, "
+                                 "before aggregating: no single client moves the model by more than that. 1 (the "
+                                 "median itself) held sign-flipping attackers that 3 did not; 0 = off.", ge=0)
     max_norm: float = _f(0.0, "An absolute L2 bound on every upload as well (also with one upload); 0 = none.", ge=0)
     history_rounds: int = _f(3, "Rounds of past upload norms that the relative bound also looks at.", ge=0)
     aggregator: str = _f("mean", "How the bounded uploads are combined: mean (FLASC; fl.aggregation applies), "
@@ -436,7 +436,7 @@ def validate(cfg: CellmConfig) -> None:
            f"must be 0 (off) or >= 1; got {fa.norm_factor}")
     rb = cfg.robust
     _check(rb.clip_factor == 0 or rb.clip_factor >= 1, "robust.clip_factor",
-           f"must be 0 (off) or >= 1 (below 1 every honest upload would be cut); got {rb.clip_factor}")
+           f"must be 0 (off) or >= 1 (below 1 even the median upload would be cut); got {rb.clip_factor}")
     if rb.aggregator != "mean":
         _check(f.aggregation == "mean", "fl.aggregation", f"must be 'mean' with robust.aggregator = "
                f"'{rb.aggregator}' (example-count weights apply to the mean only)")
