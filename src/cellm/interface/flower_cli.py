@@ -62,7 +62,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="Write the run config file and print the flwr command instead of running it.")
 
     c = fsub.add_parser("commands", help="Print the commands of a deployment (SuperLink, SuperNodes, run).")
-    c.add_argument("--address", default="127.0.0.1:9093", help="SuperLink host:port (Fleet/Control/Runtime).")
+    c.add_argument("--address", default="127.0.0.1:9093",
+                   help="host:port at which SuperNodes reach the SuperLink; a host other than 127.0.0.1 makes the "
+                        "SuperLink listen on every interface (its Control API still answers only its own host).")
     c.add_argument("--nodes", type=int, default=2, help="SuperNodes (each serves clients c %% nodes == i).")
     c.add_argument("--tls-dir", help="Folder of ca.crt/server.pem/server.key (from `cellm flower certs`); "
                                      "omit for an insecure (plain HTTP) deployment.")
@@ -73,8 +75,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     k = fsub.add_parser("certs", help="Make a CA and a SuperLink TLS certificate + key (PEM).")
     k.add_argument("dir")
     k.add_argument("--host", action="append", default=[],
-                   help="IP or DNS name the SuperNodes use to reach the SuperLink (repeatable; "
-                        "default 127.0.0.1 and localhost).")
+                   help="IP or DNS name the SuperNodes use to reach the SuperLink (repeatable); 127.0.0.1 and "
+                        "localhost are always added, for flwr on the SuperLink's host or through an SSH tunnel.")
 
     n = fsub.add_parser("node-key", help="Make a SuperNode authentication key pair (ECDSA P-384, OpenSSH).")
     n.add_argument("dir")
@@ -162,8 +164,14 @@ def _run(args: argparse.Namespace) -> int:
 
 def commands_text(address: str, nodes: int, tls_dir: str | None, keys_dir: str | None,
                   name: str = "cellm") -> str:
-    """The shell commands of a loopback or multi-machine deployment, in order."""
+    """The shell commands of a loopback or multi-machine deployment, in order.
+
+    ``address`` is where SuperNodes reach the SuperLink. Flower 1.42 serves its Fleet, Control and Runtime APIs on
+    that one port; the SuperLink starts through cellm's launcher, which answers the Control and Runtime APIs only
+    to its own host, so ``flwr`` (key registration, runs) is used on the SuperLink's machine or through a tunnel.
+    """
     from cellm.runtime.flower import deploy as D
+    from cellm.runtime.flower.superlink import is_local
 
     if keys_dir and not tls_dir:
         raise ConfigError("SuperNode authentication (--keys-dir) needs TLS (--tls-dir)")
@@ -171,23 +179,34 @@ def commands_text(address: str, nodes: int, tls_dir: str | None, keys_dir: str |
     if tls_dir:
         t = Path(tls_dir).absolute()
         tls = D.TlsFiles(t / "ca.crt", t / "server.pem", t / "server.key")
-    lines = ["# 1. SuperLink (one port serves SuperNodes, flwr and the ServerApp):",
-             D.shell(D.superlink_command(address, tls=tls, auth=bool(keys_dir), database="superlink.db")) + " &",
-             "", "# 2. the connection used by flwr, in $FLWR_HOME/config.toml (default ~/.flwr/config.toml):",
-             f"#    [superlink.{name}]", f'#    address = "{address}"',
+    host, port = address.rsplit(":", 1)
+    local_only = is_local(host) or host == "localhost"
+    bind = address if local_only else f"0.0.0.0:{port}"
+    control = f"127.0.0.1:{port}"
+    lines = ["# 1. SuperLink. One port serves SuperNodes (Fleet API), flwr (Control API) and the ServerApp (Runtime "
+             "API);", "#    cellm's launcher runs flower-superlink and answers Control and Runtime requests only "
+             "from this host (HTTP 403 otherwise):",
+             D.shell(D.superlink_command(bind, tls=tls, auth=bool(keys_dir), database="superlink.db")) + " &",
+             "", "# 2. flwr's connection, on the SuperLink machine, in $FLWR_HOME/config.toml (default "
+             "~/.flwr/config.toml);", f"#    from elsewhere, through a tunnel: ssh -N -L {port}:127.0.0.1:{port} "
+             "USER@SUPERLINK-HOST",
+             f"#    [superlink.{name}]", f'#    address = "{control}"',
              f'#    root-certificates = "{tls.ca_cert}"' if tls else "#    insecure = true"]
     if keys_dir:
         lines += ["", "# 3. register each SuperNode's public key (only these nodes may connect):"]
         lines += [f"flwr supernode register {Path(keys_dir).absolute() / f'node{i}.pub'} {name}"
                   for i in range(nodes)]
     lines += ["", f"# {4 if keys_dir else 3}. SuperNodes (node i serves cellm clients c with c % {nodes} == i; "
-                  "on other machines, --superlink is the SuperLink's address as seen from there):"]
+                  "on other machines, --superlink is the SuperLink's address as seen from there).",
+              "#    A node reads its files only from its own node config: add model-path=..., data-path=..., "
+              "data-test-path=...", "#    when the run sets model.path / data.path / data.test_path, and "
+              "cache-dir=... state-dir=... to choose its folders:"]
     for i in range(nodes):
         key = Path(keys_dir).absolute() / f"node{i}" if keys_dir else None
         lines.append(D.shell(D.supernode_command(address, 9094 + i, f"partition-id={i} num-partitions={nodes}",
                                                  ca_cert=tls.ca_cert if tls else None, private_key=key))
                      + " &")
-    lines += ["", f"# {5 if keys_dir else 4}. the run (same config options as `cellm run`):",
+    lines += ["", f"# {5 if keys_dir else 4}. the run, on the SuperLink machine (same config options as `cellm run`):",
               f"cellm flower run --superlink {name} --preset tiny --out $PWD/runs/flower-tiny"]
     return "\n".join(lines)
 
@@ -213,7 +232,8 @@ def main(args: argparse.Namespace) -> int:
     if cmd == "certs":
         from cellm.runtime.flower import deploy as D
 
-        files = D.make_certificates(args.dir, tuple(args.host) or ("127.0.0.1", "localhost"))
+        hosts = tuple(dict.fromkeys([*args.host, "127.0.0.1", "localhost"]))  # in order, without repeats
+        files = D.make_certificates(args.dir, hosts)
         print(f"CA certificate: {files.ca_cert}\nserver certificate: {files.server_cert}\n"
               f"server key: {files.server_key}")
         return 0

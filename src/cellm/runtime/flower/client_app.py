@@ -11,14 +11,14 @@ saves the new state; replies with the encoded uploads.
 ``query.finish``: the run completed; removes its client state from the node's disk.
 
 Node config keys read here (``flower-supernode --node-config '...'``): ``partition-id``, ``num-partitions``,
-``cellm-clients``, ``torch-threads`` (or env ``CELLM_TORCH_THREADS``), ``cache-dir`` (tokenized-data cache),
-``state-dir`` (or env ``CELLM_NODE_STATE_DIR``; default ``<cache dir>/node-state``: where clients' state is kept
-between rounds, and across a ServerApp restart).
+``cellm-clients``, ``torch-threads`` (or env ``CELLM_TORCH_THREADS``), and the node's own files: ``model-path``,
+``data-path``, ``data-test-path``, ``cache-dir``, ``state-dir`` (default ``<cache dir>/node-state``: where clients'
+state is kept between rounds, and across a ServerApp restart). The run's config never names a path on a node:
+see :mod:`cellm.runtime.flower.node_paths`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import tempfile
@@ -35,6 +35,7 @@ from cellm.federated.client import client_update
 from cellm.federated.server import train_spec
 from cellm.models.registry import check_assets
 from cellm.runtime.flower import protocol as P
+from cellm.runtime.flower.node_paths import resolve as resolve_node_paths
 from cellm.runtime.flower.node_state import NodeStateStore
 from cellm.runtime.setup import load_setup, switch_to_lora
 
@@ -68,6 +69,11 @@ def _node_config(context: Context) -> dict[str, Any]:
     return dict(context.node_config)
 
 
+def _run_config(text: str, context: Context):
+    """The run's cellm config with this node's own paths (the server's are refused: see node_paths)."""
+    return load_config(data=resolve_node_paths(tomllib.loads(text), context.node_config))
+
+
 def _state_store(context: Context, cache_dir: str, run_id: str) -> NodeStateStore:
     """Where this node keeps its clients' state for the run (see the module docstring for the choice)."""
     root = context.node_config.get("state-dir") or os.environ.get("CELLM_NODE_STATE_DIR")
@@ -88,11 +94,8 @@ def _config_and_setup(context: Context, digest: str):
     if digest not in _SETUP_CACHE:
 
 
-        cfg = load_config(data=tomllib.loads(str(rec["config"])))
+        cfg = _run_config(str(rec["config"]), context)
         _threads(context, cfg.run.threads)  # before the model is built
-        cache_dir = context.node_config.get("cache-dir")
-        if cache_dir is not None:  # where this machine caches tokenized data: not part of the algorithm
-            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, cache_dir=str(cache_dir)))
         _SETUP_CACHE.clear()
         _SETUP_CACHE[digest] = (cfg, load_setup(cfg))
     return _SETUP_CACHE[digest]
@@ -105,10 +108,8 @@ def setup(msg: Message, context: Context) -> Message:
     The config is validated and the model's assets checked here, so a node that cannot train says so at once.
     """
 
-    from cellm.config import load_config
-
     text, digest, run_id = P.read_setup(msg.content)
-    cfg = load_config(data=tomllib.loads(text))
+    cfg = _run_config(text, context)
     check_assets(cfg.model.name, cfg.model.path)
     clients = P.served_clients(_node_config(context), cfg.data.num_clients)
     _state_store(context, cfg.data.cache_dir, run_id)  # a malformed run id fails here, not in training
@@ -153,6 +154,6 @@ def finish(msg: Message, context: Context) -> Message:
     rec = context.state.config_records.get(P.STATE_CONFIG)
     if rec is None or rec.get(P.RUN_ID) != run_id:
         raise P.ProtocolError(f"finish message for run {run_id[:12]}, which this node was not set up for")
-    cfg = load_config(data=tomllib.loads(str(rec["config"])))
+    cfg = _run_config(str(rec["config"]), context)
     _state_store(context, cfg.data.cache_dir, run_id).remove()
     return Message(content=RecordDict(), reply_to=msg)

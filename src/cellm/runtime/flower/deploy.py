@@ -9,12 +9,19 @@ expect:
 - SuperNode authentication: one ECDSA P-384 key pair per SuperNode in OpenSSH format
   (``flower-supernode --auth-supernode-private-key``); the SuperLink runs with ``--enable-supernode-auth`` and only
   nodes whose public key was registered (``flwr supernode register KEY.pub <superlink>``) are let in.
+- The SuperLink starts through :mod:`cellm.runtime.flower.superlink`: Flower 1.42 serves the Fleet, Control and
+  Runtime APIs on one port, and that launcher answers the Control and Runtime APIs only to its own host, so that
+  registering keys and submitting runs needs a shell on the SuperLink's machine (or an SSH tunnel to it).
+
+Private keys are created with mode 0600 from the start (never readable by others, whatever the umask), and an
+existing key file is never overwritten.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import ipaddress
+import os
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +45,8 @@ def make_certificates(out: str | Path, hosts: tuple[str, ...] = ("127.0.0.1", "l
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     out = Path(out)
+    files = TlsFiles(out / "ca.crt", out / "server.pem", out / "server.key")
+    _refuse_existing(files.ca_cert, files.server_cert, files.server_key)
     out.mkdir(parents=True, exist_ok=True)
     now = _dt.datetime.now(_dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP384R1())
@@ -65,13 +74,11 @@ def make_certificates(out: str | Path, hosts: tuple[str, ...] = ("127.0.0.1", "l
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .sign(ca_key, hashes.SHA256()))
-    files = TlsFiles(out / "ca.crt", out / "server.pem", out / "server.key")
     pem = serialization.Encoding.PEM
+    write_private(files.server_key, key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                                      serialization.NoEncryption()))
     files.ca_cert.write_bytes(ca.public_bytes(pem))
     files.server_cert.write_bytes(cert.public_bytes(pem))
-    files.server_key.write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
-                                                   serialization.NoEncryption()))
-    files.server_key.chmod(0o600)
     return files
 
 
@@ -81,22 +88,48 @@ def make_node_keys(out: str | Path, name: str) -> tuple[Path, Path]:
     from cryptography.hazmat.primitives.asymmetric import ec
 
     out = Path(out)
+    priv, pub = out / name, out / f"{name}.pub"
+    _refuse_existing(priv, pub)
     out.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP384R1())
-    priv, pub = out / name, out / f"{name}.pub"
-    priv.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                       serialization.NoEncryption()))
-    priv.chmod(0o600)
+    write_private(priv, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                          serialization.NoEncryption()))
     pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                   serialization.PublicFormat.OpenSSH) + b"\n")
     return priv, pub
 
 
+def write_private(path: Path, data: bytes) -> None:
+    """Create ``path`` with mode 0600 and write ``data``: the file is never readable by others, not even for a
+    moment and whatever the umask; an existing file is an error (``FileExistsError``), never overwritten."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # the umask can only clear bits: make it exactly owner read/write
+        with os.fdopen(fd, "wb") as fh:
+            fd = -1
+            fh.write(data)
+    finally:
+        if fd != -1:
+            os.close(fd)
+
+
+def _refuse_existing(*paths: Path) -> None:
+    from cellm.errors import ConfigError
+
+    there = [str(p) for p in paths if p.exists() or p.is_symlink()]
+    if there:
+        raise ConfigError(f"{', '.join(there)} already exist(s): remove them first or choose another folder "
+                          "(a key is never overwritten: a registered node or a distributed CA would stop matching)")
+
+
 def superlink_command(address: str, *, tls: TlsFiles | None = None, auth: bool = False,
                       database: str | Path | None = None) -> list[str]:
-    """``flower-superlink`` on ``host:port`` (one port serves the Fleet, Control and Runtime APIs)."""
+    """The SuperLink listening on ``host:port`` (``0.0.0.0:PORT`` for every interface), started through
+    :mod:`cellm.runtime.flower.superlink`: one port serves the Fleet API to SuperNodes anywhere, and the Control and
+    Runtime APIs to this host only. The other arguments are ``flower-superlink``'s own."""
     host, port = address.rsplit(":", 1)
-    cmd = ["flower-superlink", "--host", host, "--port", port, "--disable-runtime-dependency-installation"]
+    cmd = ["python", "-m", "cellm.runtime.flower.superlink", "--host", host, "--port", port,
+           "--disable-runtime-dependency-installation"]
     if tls is None:
         cmd.append("--insecure")
     else:

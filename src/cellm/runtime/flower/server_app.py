@@ -48,6 +48,7 @@ from cellm.models.evaluate import primary_metric
 from cellm.runtime import checkpoint as ckpt
 from cellm.runtime.driver import drive
 from cellm.runtime.flower import protocol as P
+from cellm.runtime.flower.node_paths import for_nodes
 from cellm.runtime.record import RunRecorder, check_new_folder, default_out_dir, new_run_folder, summary
 from cellm.runtime.setup import load_setup
 from cellm.runtime.threads import pin_threads, using_threads
@@ -73,7 +74,7 @@ class CellmStrategy:
         self.run_id = run_id or ckpt.new_run_id()  # names this run's client state on the nodes, across resumes
         self.checkpoint_round = checkpoint_round  # the round of the last checkpoint written (0: none)
         self.transport: tuple[int, int] | None = None  # (down, up) bytes Flower serialized in the last round
-        self.toml = cfg.to_toml()
+        self.toml = for_nodes(cfg)  # what the nodes get: their own paths, never the server's (node_paths)
         self.digest = P.config_digest(self.toml)
         self.client_node: dict[int, int] = {}  # cellm client id -> Flower node id
         self.node_clients: dict[int, list[int]] = {}

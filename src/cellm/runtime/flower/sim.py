@@ -13,6 +13,7 @@ from pathlib import Path
 
 from cellm.config import CellmConfig
 from cellm.runtime import checkpoint as ckpt
+from cellm.runtime.flower import node_paths
 from cellm.runtime.flower.server_app import DriverOptions, make_server_app
 from cellm.runtime.threads import pin_threads
 
@@ -51,8 +52,21 @@ def run_flower_simulation(cfg: CellmConfig | None, out: str | Path | None = None
     opts = options or DriverOptions(node_wait_s=120.0, progress=progress)
     server_app = make_server_app(None if resume else cfg, out, opts, results, resume=resume)
     backend = {"init_args": {"num_cpus": w, "num_gpus": 0}, "client_resources": {"num_cpus": 1, "num_gpus": 0}}
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n, backend_config=backend,
-                   verbose_logging=verbose)
+    # The virtual nodes run on this machine: their own paths (node_paths) are the config's, given through the
+    # environment that Ray's workers inherit.
+    paths = {node_paths.env_name(key): str(getattr(getattr(cfg, section), name))
+             for (section, name), key in node_paths.FIELDS.items()}
+    saved = {k: os.environ.get(k) for k in paths}
+    os.environ.update(paths)
+    try:
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n, backend_config=backend,
+                       verbose_logging=verbose)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     if not results:
         raise RuntimeError("the Flower simulation ended without a result (see the log above for the error)")
     return results[0]
