@@ -119,30 +119,135 @@ def test_messages_carry_cellm_payloads_byte_for_byte():
 
 
 def test_node_state_replays_the_rounds_a_resumed_server_lost(tmp_path):
-    """A task for round t starts from the newest state before t; replayed rounds overwrite lost ones; files no
-    resume can need are removed."""
+    """A task for round t starts from the newest state before t, pending part included; replayed rounds overwrite
+    lost ones; files no resume can need are removed."""
     from cellm.federated.client import ClientState
     from cellm.runtime.flower.node_state import NodeStateStore
 
     store = NodeStateStore(tmp_path, "0123abcd" * 4)
-    states = {t: ClientState(residual=torch.randn(50), copy=torch.randn(20) if t % 2 else None) for t in range(20)}
+    states = {t: ClientState(residual=torch.randn(50), copy=torch.randn(20) if t % 2 else None, pending_round=t,
+                             pending_residual=torch.randn(50), pending_copy=torch.randn(20) if t % 2 else None)
+              for t in range(20)}
     files = lambda: sorted(int(p.stem.split("-")[1]) for p in (store.dir / "client-5").glob("round-*"))  # noqa: E731
-    assert store.load(5, 1).residual is None  # a client that never trained starts empty
+
+    def same(a: ClientState, b: ClientState) -> bool:
+        return a.pending_round == b.pending_round and a.tensors().keys() == b.tensors().keys() and all(
+            torch.equal(x, b.tensors()[k]) for k, x in a.tensors().items())
+
+    assert not store.load(5, 1).keeps_anything()  # a client that never trained starts empty
     store.save(5, 3, states[3], checkpoint_round=0)
     store.save(5, 7, states[7], checkpoint_round=4)
-    got = store.load(5, 8)
-    assert torch.equal(got.residual, states[7].residual) and torch.equal(got.copy, states[7].copy)
-    assert torch.equal(store.load(5, 7).residual, states[3].residual) and store.load(5, 7).copy is not None
+    assert same(store.load(5, 8), states[7]) and same(store.load(5, 7), states[3])
     store.save(5, 12, states[12], checkpoint_round=8)
     assert files() == [7, 12]  # round 3 can no longer be resumed into
     # the server died after round 12 and resumed from its round-8 checkpoint: round 9 is replayed
     store.save(5, 9, states[9], checkpoint_round=8)
-    assert files() == [7, 9] and torch.equal(store.load(5, 10).residual, states[9].residual)
+    assert files() == [7, 9] and same(store.load(5, 10), states[9])
     assert store.clients() == [5]
     store.remove()
     assert not store.dir.exists()
     with pytest.raises(ValueError, match="run id"):
         NodeStateStore(tmp_path, "../../etc")
+
+
+def test_node_state_keeps_a_rounds_outcome_until_the_server_says_whether_it_accepted_it(tmp_path):
+    """Saved right after training, a round's outcome is pending: the next task's acked_round keeps it (accepted)
+    or drops it (refused, late, lost), so the client continues from where the server thinks it is."""
+    from cellm.federated.client import ClientState
+    from cellm.runtime.flower.node_state import NodeStateStore
+
+    store = NodeStateStore(tmp_path, "0123abcd" * 4)
+    before, after = torch.randn(30), torch.randn(30)
+    store.save(2, 4, ClientState(residual=before, pending_round=4, pending_residual=after), checkpoint_round=3)
+    loaded = store.load(2, 6, numel=30)
+    assert loaded.pending_round == 4
+    assert torch.equal(loaded.settle(acked_round=4).residual, after)  # the server accepted round 4's upload
+    assert torch.equal(loaded.settle(acked_round=3).residual, before)  # it did not: round 4 never happened
+    store.save(2, 5, ClientState(), checkpoint_round=3)  # a state with nothing to keep is still a round's file
+    assert not store.load(2, 6).keeps_anything() and store.load(2, 5).pending_round == 4
+
+
+def test_node_state_writes_of_one_client_from_two_writers_never_tear_a_file(tmp_path):
+    """Two ClientApps saving the same client and round at once (a relaunched task, a leftover of a dead ServerApp),
+    while a third reads: every read sees one writer's whole state, and no temporary file is left behind."""
+    import threading
+
+    from cellm.federated.client import ClientState
+    from cellm.runtime.flower.node_state import NodeStateStore
+
+    store = NodeStateStore(tmp_path, "0123abcd" * 4)
+    n, errors, done = 200_000, [], threading.Event()
+
+    def write(value: float) -> None:
+        try:
+            for _ in range(15):
+                st = ClientState(residual=torch.full((n,), value), pending_round=3,
+                                 pending_residual=torch.full((n,), -value))
+                store.save(7, 3, st, checkpoint_round=2)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    def read() -> None:
+        try:
+            while not done.is_set():
+                st = store.load(7, 4, numel=n)
+                if st.keeps_anything():
+                    value = float(st.residual[0])
+                    assert value in (1.0, 2.0) and bool((st.residual == value).all())
+                    assert bool((st.pending_residual == -value).all()) and st.pending_round == 3
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    writers = [threading.Thread(target=write, args=(v,)) for v in (1.0, 2.0)]
+    reader = threading.Thread(target=read)
+    for t in [*writers, reader]:
+        t.start()
+    for t in writers:
+        t.join()
+    done.set()
+    reader.join()
+    assert not errors, errors
+    assert sorted(p.name for p in (store.dir / "client-7").iterdir()) == [".lock", "round-3.safetensors"]
+
+
+def test_node_state_refuses_a_torn_or_foreign_file_with_an_error_naming_it(tmp_path):
+    """Nothing on the node's disk is unpickled or half-read: a torn, foreign or mis-sized file is a clear error."""
+    from safetensors.torch import save_file
+
+    from cellm.federated.client import ClientState
+    from cellm.runtime.flower.node_state import NodeStateError, NodeStateStore
+
+    store = NodeStateStore(tmp_path, "0123abcd" * 4)
+    store.save(1, 2, ClientState(residual=torch.randn(40), pending_round=2, pending_residual=torch.randn(40)), 0)
+    path = store.dir / "client-1" / "round-2.safetensors"
+    whole = path.read_bytes()
+    cases = {
+        "torn": whole[: len(whole) // 2],
+        "garbage": b"\x00" * 64,
+        "a torch.save file": None,
+        "no cellm format": None,
+        "wrong size": None,
+        "unknown tensor": None,
+        "bad pending round": None,
+    }
+    for what, data in cases.items():
+        if what == "a torch.save file":
+            torch.save({"residual": torch.zeros(40)}, path)
+        elif what == "no cellm format":
+            save_file({"residual": torch.zeros(40)}, str(path))
+        elif what == "wrong size":
+            save_file({"residual": torch.zeros(41)}, str(path), metadata={"format": "cellm-client-state/1",
+                                                                         "pending_round": "0"})
+        elif what == "unknown tensor":
+            save_file({"weights": torch.zeros(40)}, str(path), metadata={"format": "cellm-client-state/1",
+                                                                        "pending_round": "0"})
+        elif what == "bad pending round":
+            save_file({"residual": torch.zeros(40)}, str(path), metadata={"format": "cellm-client-state/1",
+                                                                         "pending_round": "99"})
+        else:
+            path.write_bytes(data)
+        with pytest.raises(NodeStateError, match=re.escape(str(path))):
+            store.load(1, 3, numel=40)
 
 
 def test_node_config_selects_clients():

@@ -7,7 +7,10 @@ ids this node serves (its node config: ``partition-id``/``num-partitions``, or `
 ``train`` (one message per round, with the tasks of this node's sampled clients): loads model and data once per
 process (module cache); for each task restores the client's state (error-feedback residual, delta-mode copy) from
 the node's disk (:mod:`cellm.runtime.flower.node_state`), calls :func:`cellm.federated.client.client_update` and
-saves the new state; replies with the encoded uploads.
+saves the new state at once (the round's outcome pending until the server's next task says whether it accepted
+the upload); replies with the encoded uploads. Every field of the message is checked first
+(:func:`cellm.runtime.flower.protocol.read_tasks`): a malformed task is an error that names the field, before
+anything is trained or written.
 ``query.finish``: the run completed; removes its client state from the node's disk.
 
 Node config keys read here (``flower-supernode --node-config '...'``): ``partition-id``, ``num-partitions``,
@@ -136,12 +139,17 @@ def train(msg: Message, context: Context) -> Message:
         switch_to_lora(setup_, cfg, from_svd=False)
     store = _state_store(context, cfg.data.cache_dir, str(context.state.config_records[P.STATE_CONFIG][P.RUN_ID]))
     replies = []
+    limit = P.max_payload_bytes(setup_.flat.numel)
+    big = [t.client for t in tasks if len(t.download) > limit]
+    if big:
+        raise P.ProtocolError(f"train message: downloads of clients {big} exceed the {limit} bytes any encoding of "
+                              f"this node's {setup_.flat.numel}-entry vector takes")
     for task in tasks:
-        st = store.load(task.client, task.round)
+        st = store.load(task.client, task.round, setup_.flat.numel)  # settled by client_update (task.acked_round)
         reply, new_state = client_update(setup_.loaded.model, setup_.flat, setup_.data.clients[task.client], task,
                                          train_spec(cfg), st, seed=cfg.seed, w0=setup_.w0)
-        if new_state.residual is not None or new_state.copy is not None:  # as the embedded Simulator keeps it
-            store.save(task.client, task.round, new_state, checkpoint_round)
+        if new_state.keeps_anything():  # as the embedded Simulator keeps it; the round's outcome stays pending
+            store.save(task.client, task.round, new_state, checkpoint_round)  # until the server's next task
         replies.append((task.client, task.round, reply))
     return Message(content=P.reply_content(replies), reply_to=msg)
 

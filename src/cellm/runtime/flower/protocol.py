@@ -23,17 +23,31 @@ with clients), config-digest, checkpoint-round: the round the server's last chec
 ``cellm.downloads`` = ArrayRecord{"<client id>": payload}. Reply: ``cellm.replies`` = ConfigRecord{clients,
 round, num_examples, train_loss, nonzeros, extra.<key> (``ClientReply.extra``), packed the same way} and
 ``cellm.uploads`` = ArrayRecord{"<client id>": payload}.
+
+Validation
+----------
+Every field another party sends is checked before use, with bounds (:data:`MAX_ROUND`, :data:`MAX_EXAMPLES`,
+:data:`EXTRA_BOUNDS`, :func:`max_payload_bytes`) and a :class:`ProtocolError` that names the field: a node reads
+a train message whose every field has its ``ClientTask`` type and range (an unknown field is refused: the
+server runs other code); the server reads a reply whose client ids are in range and distinct, counts are ints in
+range, the loss a non-negative number (NaN allowed: a client whose training diverged says so, its upload is
+judged on its own), ``extra`` only the known keys as bounded non-negative floats, and payloads no larger than
+an encoding of the whole vector can be. What a message claims about the run (whose clients, which round) is the
+strategy's to check (:mod:`cellm.runtime.flower.server_app`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
+import re
+import typing
 from typing import Any
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from cellm.core.codec import CodecSpec
+from cellm.core.codec import HARD_MAX_N, CodecSpec
 from cellm.federated.client import ClientReply, ClientTask
 
 PAYLOAD_STYPE = "cellm.payload"  # Array.data is the raw cellm message (dtype uint8, shape (len,))
@@ -46,10 +60,54 @@ CONFIG_DIGEST, CHECKPOINT_ROUND, RUN_ID = "config-digest", "checkpoint-round", "
 NOT_SET_UP = "train message before the run's setup message"  # a node that lost its setup (restarted) says so
 STATE_CONFIG = "cellm.config"  # context.state key of the node's cellm config (set by the setup message)
 _SCALARS = (bool, int, float, str)
+MAX_ROUND = 2**31 - 1  # rounds and ranks: far above any run, and an int32 everywhere
+MAX_CLIENTS = 1 << 20  # client ids (and so clients in one message) when the run's count is not known
+MAX_EXAMPLES = 2**31  # a client's claimed example count
+MAX_SECONDS = 1e6  # a reported duration
+EXTRA_BOUNDS: dict[str, float] = {"codec_s": MAX_SECONDS}  # the keys a reply's extra may hold, and their bound
+_MAX_STR = 4096  # a string setting of a task (codec names, digests)
+_HEX = re.compile(r"^[0-9a-f]{1,64}$")
 
 
 class ProtocolError(ValueError):
     """A Flower message that does not carry what cellm expects (wrong keys, wrong types, wrong client)."""
+
+
+def _show(value: Any) -> str:
+    """A value for an error message, cut short: a hostile party's string can be megabytes."""
+    if isinstance(value, list | str | bytes) and len(value) > 16:
+        return f"{repr(value[:16])[:60]}... ({type(value).__name__} of length {len(value)})"
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}..."
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int(value: Any, what: str, lo: int, hi: int) -> int:
+    if not _is_int(value) or not lo <= value <= hi:
+        raise ProtocolError(f"{what} must be an int in [{lo}, {hi}], got {_show(value)}")
+    return value
+
+
+def _float(value: Any, what: str, lo: float, hi: float, nan_ok: bool = False) -> float:
+    """A number (an int is taken as a float) in [lo, hi]; NaN only with ``nan_ok``; never inf."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ProtocolError(f"{what} must be a number, got {_show(value)}")
+    x = float(value)
+    if math.isnan(x) and nan_ok:
+        return x
+    if not (math.isfinite(x) and lo <= x <= hi):
+        raise ProtocolError(f"{what} must be a finite number in [{lo:g}, {hi:g}]{' or NaN' if nan_ok else ''}, "
+                            f"got {_show(value)}")
+    return x
+
+
+def max_payload_bytes(n: int) -> int:
+    """The most bytes an encoded cellm message of an n-entry vector can take (fp32 values, positions and block
+    scales of every entry, and the header, with room to spare): a larger payload is refused unread."""
+    return 8 * int(n) + 4096
 
 
 # ------------------------------------------------------------------ payload bytes <-> Array
@@ -186,52 +244,118 @@ def task_content(tasks: ClientTask | list[ClientTask], digest: str, checkpoint_r
     return RecordDict({TASKS: rec, DOWNLOADS: arrays})
 
 
-def _clients(rec: ConfigRecord, what: str) -> list[int]:
+def _clients(rec: ConfigRecord, what: str, num_clients: int | None = None, allow_empty: bool = False) -> list[int]:
+    """The message's client ids: distinct ints in [0, num_clients) (or [0, MAX_CLIENTS) when not known)."""
     clients = rec.get(CLIENTS)
-    if (not isinstance(clients, list) or not clients or not all(isinstance(c, int) for c in clients)
-            or len(set(clients)) != len(clients)):
-        raise ProtocolError(f"{what}: '{CLIENTS}' must be a non-empty list of distinct client ids, got {clients!r}")
+    hi = (MAX_CLIENTS if num_clients is None else num_clients) - 1
+    if (not isinstance(clients, list) or not (clients or allow_empty) or len(clients) > hi + 1
+            or not all(_is_int(c) and 0 <= c <= hi for c in clients) or len(set(clients)) != len(clients)):
+        raise ProtocolError(f"{what}: '{CLIENTS}' must be a {'' if allow_empty else 'non-empty '}list of distinct "
+                            f"client ids in [0, {hi}], got {_show(clients)}")
     return clients
 
 
-def _payloads(content: RecordDict, key: str, clients: list[int], what: str) -> dict[int, bytes]:
+def _payloads(content: RecordDict, key: str, clients: list[int], what: str,
+              max_bytes: int | None = None) -> dict[int, bytes]:
     if key not in content.array_records:
         raise ProtocolError(f"{what} has no '{key}' record (records: {sorted(content.keys())})")
     arrays = content.array_records[key]
     if sorted(arrays.keys()) != sorted(str(c) for c in clients):
-        raise ProtocolError(f"{what}: payloads for {sorted(arrays.keys())}, clients {clients}")
-    return {c: array_payload(arrays[str(c)]) for c in clients}
+        raise ProtocolError(f"{what}: payloads for {_show(sorted(arrays.keys()))}, clients {_show(clients)}")
+    out = {}
+    for c in clients:
+        arr = arrays[str(c)]
+        if max_bytes is not None and len(arr.data) > max_bytes:
+            raise ProtocolError(f"{what}: the payload of client {c} has {len(arr.data)} bytes, more than the "
+                                f"{max_bytes} any encoding of the vector takes")
+        out[c] = array_payload(arr)
+    return out
 
 
-def read_tasks(content: RecordDict) -> tuple[list[ClientTask], str, int]:
-    """(tasks, config digest, the round of the server's last checkpoint) from a train message."""
+_TASK_TYPES: dict[str, Any] = typing.get_type_hints(ClientTask)
+_CODEC_TYPES: dict[str, Any] = typing.get_type_hints(CodecSpec)
+_TASK_KEYS = frozenset(
+    [f"{f.name}.{g.name}" for f in dataclasses.fields(ClientTask) if _TASK_TYPES[f.name] is CodecSpec
+     for g in dataclasses.fields(CodecSpec)]
+    + [f.name for f in dataclasses.fields(ClientTask)
+       if f.name not in ("download", "client") and _TASK_TYPES[f.name] is not CodecSpec])
+
+
+def _typed(value: Any, kind: Any, what: str) -> Any:
+    """``value`` as a scalar field of type ``kind`` (an int is taken for a float); ProtocolError otherwise."""
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ProtocolError(f"{what} must be a bool, got {_show(value)}")
+        return value
+    if kind is int:
+        return _int(value, what, -MAX_ROUND, MAX_ROUND)  # the field's own range is checked by _check_task
+    if kind is float:
+        return _float(value, what, -math.inf, math.inf)
+    if kind is str:
+        if not isinstance(value, str) or len(value) > _MAX_STR:
+            raise ProtocolError(f"{what} must be a string of at most {_MAX_STR} characters, got {_show(value)}")
+        return value
+    raise ProtocolError(f"{what}: a field of type {kind} cannot travel in a train message")
+
+
+def _check_task(task: ClientTask) -> None:
+    """The ranges of a task's settings (their types are checked already)."""
+    what = f"train message, client {task.client}:"
+    _int(task.round, f"{what} round", 1, MAX_ROUND)
+    _int(task.acked_round, f"{what} acked_round", 0, task.round - 1)
+    if not 0 < task.up_density <= 1:
+        raise ProtocolError(f"{what} up_density must be in (0, 1], got {_show(task.up_density)}")
+    if task.download_mode not in ("weights", "delta"):
+        raise ProtocolError(f"{what} download_mode must be 'weights' or 'delta', got {_show(task.download_mode)}")
+    _int(task.support_rank, f"{what} support_rank", 0, MAX_ROUND)
+    _int(task.stage, f"{what} stage", 0, 2)
+    if task.init_digest and not _HEX.match(task.init_digest):
+        raise ProtocolError(f"{what} init_digest must be empty or 1-64 lowercase hex digits, got "
+                            f"{_show(task.init_digest)}")
+    try:
+        task.codec_up.validate()
+    except ValueError as exc:
+        raise ProtocolError(f"{what} {exc}") from None
+
+
+def read_tasks(content: RecordDict, max_payload: int | None = None) -> tuple[list[ClientTask], str, int]:
+    """(tasks, config digest, the round of the server's last checkpoint) from a train message; every field is
+    checked (type and range; ``max_payload`` bounds each download's bytes)."""
     if TASKS not in content.config_records:
         raise ProtocolError(f"train message has no '{TASKS}' record (records: {sorted(content.keys())})")
     rec = content.config_records[TASKS]
+    unknown = sorted(k for k in rec if k not in _TASK_KEYS and k not in (CLIENTS, CONFIG_DIGEST, CHECKPOINT_ROUND))
+    if unknown:
+        raise ProtocolError(f"train message has fields this node does not know: {_show(unknown)} (the server runs "
+                            "another version of cellm)")
     clients = _clients(rec, "train message")
-    payloads = _payloads(content, DOWNLOADS, clients, "train message")
+    payloads = _payloads(content, DOWNLOADS, clients, "train message", max_payload)
     rows = _unpack(rec, len(clients), (CLIENTS, CONFIG_DIGEST, CHECKPOINT_ROUND))
     tasks = []
     for c, row in zip(clients, rows, strict=True):
         kwargs: dict[str, Any] = {"download": payloads[c], "client": c}
         for f in dataclasses.fields(ClientTask):
+            kind = _TASK_TYPES[f.name]
             if f.name in ("download", "client"):
                 continue
-            if f.name == "codec_up":
+            if kind is CodecSpec:
                 prefix = f"{f.name}."
-                kwargs[f.name] = CodecSpec(**{k[len(prefix):]: v for k, v in row.items() if k.startswith(prefix)})
+                kwargs[f.name] = CodecSpec(**{k[len(prefix):]: _typed(v, _CODEC_TYPES[k[len(prefix):]],
+                                                                      f"train message, client {c}: {k}")
+                                              for k, v in row.items() if k.startswith(prefix)})
             elif f.name in row:
-                kwargs[f.name] = row[f.name]
+                kwargs[f.name] = _typed(row[f.name], kind, f"train message, client {c}: {f.name}")
         try:
-            tasks.append(ClientTask(**kwargs))
+            task = ClientTask(**kwargs)
         except TypeError as exc:
             raise ProtocolError(f"train message: {exc}") from None
+        _check_task(task)
+        tasks.append(task)
     digest = rec.get(CONFIG_DIGEST)
-    if not isinstance(digest, str):
-        raise ProtocolError("train message has no config digest")
-    checkpoint_round = rec.get(CHECKPOINT_ROUND, 0)
-    if not isinstance(checkpoint_round, int) or isinstance(checkpoint_round, bool) or checkpoint_round < 0:
-        raise ProtocolError(f"train message: {CHECKPOINT_ROUND} must be an int >= 0, got {checkpoint_round!r}")
+    if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise ProtocolError(f"train message: {CONFIG_DIGEST} must be 64 lowercase hex digits, got {_show(digest)}")
+    first = min(t.round for t in tasks)
+    checkpoint_round = _int(rec.get(CHECKPOINT_ROUND, 0), f"train message: {CHECKPOINT_ROUND}", 0, first - 1)
     return tasks, digest, checkpoint_round
 
 
@@ -255,23 +379,37 @@ def reply_content(replies: list[tuple[int, int, ClientReply]]) -> RecordDict:
     return RecordDict({REPLIES: rec, UPLOADS: arrays})
 
 
-def read_replies(content: RecordDict) -> list[tuple[int, int, ClientReply]]:
-    """[(client, round, ClientReply)] from a node's train reply."""
+_REPLY_KEYS = ("round", "num_examples", "train_loss", "nonzeros")
+
+
+def read_replies(content: RecordDict, *, num_clients: int | None = None,
+                 numel: int | None = None) -> list[tuple[int, int, ClientReply]]:
+    """[(client, round, ClientReply)] from a node's train reply, every field checked: client ids in
+    [0, num_clients), payloads of at most :func:`max_payload_bytes` (numel), nonzeros in [0, numel], the other
+    fields as the module docstring says. Any defect refuses the whole message (ProtocolError)."""
     if REPLIES not in content.config_records:
         raise ProtocolError(f"train reply has no '{REPLIES}' record (records: {sorted(content.keys())})")
     rec = content.config_records[REPLIES]
-    clients = _clients(rec, "train reply")
-    payloads = _payloads(content, UPLOADS, clients, "train reply")
+    known = {CLIENTS, *_REPLY_KEYS, *(f"extra.{k}" for k in EXTRA_BOUNDS)}
+    unknown = sorted(k for k in rec if k not in known)
+    if unknown:
+        raise ProtocolError(f"train reply has unknown fields {_show(unknown)} (known: {sorted(known)})")
+    clients = _clients(rec, "train reply", num_clients)
+    payloads = _payloads(content, UPLOADS, clients, "train reply", None if numel is None else max_payload_bytes(numel))
+    max_k = HARD_MAX_N if numel is None else numel
     out = []
     for c, row in zip(clients, _unpack(rec, len(clients), (CLIENTS,)), strict=True):
-        extra = {k[len("extra."):]: v for k, v in row.items() if k.startswith("extra.")}
-        try:
-            reply = ClientReply(payload=payloads[c], num_examples=int(row["num_examples"]),
-                                train_loss=float(row["train_loss"]), nonzeros=int(row["nonzeros"]), extra=extra)
-            round_ = int(row["round"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ProtocolError(f"train reply for client {c}: {exc!r}") from None
-        out.append((c, round_, reply))
+        what = f"train reply, client {c}:"
+        missing = [k for k in _REPLY_KEYS if k not in row]
+        if missing:
+            raise ProtocolError(f"{what} no {missing}")
+        extra = {k[len("extra."):]: _float(v, f"{what} {k}", 0.0, EXTRA_BOUNDS[k[len("extra."):]])
+                 for k, v in row.items() if k.startswith("extra.")}
+        reply = ClientReply(payload=payloads[c],
+                            num_examples=_int(row["num_examples"], f"{what} num_examples", 0, MAX_EXAMPLES),
+                            train_loss=_float(row["train_loss"], f"{what} train_loss", 0.0, math.inf, nan_ok=True),
+                            nonzeros=_int(row["nonzeros"], f"{what} nonzeros", 0, max_k), extra=extra)
+        out.append((c, _int(row["round"], f"{what} round", 1, MAX_ROUND), reply))
     return out
 
 
@@ -307,11 +445,11 @@ def node_content(clients: list[int], node_config: dict[str, Any]) -> RecordDict:
     return RecordDict({NODE: ConfigRecord({"clients": [int(c) for c in clients], "node-config": desc})})
 
 
-def read_node(content: RecordDict) -> list[int]:
+def read_node(content: RecordDict, num_clients: int | None = None) -> list[int]:
+    """The cellm client ids a node's setup reply claims: distinct ints in [0, num_clients) (possibly none)."""
     if NODE not in content.config_records:
         raise ProtocolError(f"setup reply has no '{NODE}' record")
-    clients = content.config_records[NODE].get("clients", [])
-    return [int(c) for c in clients]
+    return _clients(content.config_records[NODE], "setup reply", num_clients, allow_empty=True)
 
 
 # ------------------------------------------------------------------ what a message costs on the wire

@@ -25,6 +25,13 @@ Checkpoints and resume: the ServerApp writes the same atomic checkpoint as ``cel
 copies) is not in it: each node keeps its clients' state on its disk per round
 (:mod:`cellm.runtime.flower.node_state`), keyed by the run id that the checkpoint carries, so a resumed run on the
 same nodes is exact in every mode.
+
+A node is not trusted: a setup reply's claim is used only if its client ids are in range and no other live node
+serves them (the first claim keeps a client); a node whose setup failed or was refused is asked again with a
+doubling back-off. A train reply is used only from the node its message went to, for the current round, once, with
+every field checked (:mod:`cellm.runtime.flower.protocol`). Whatever is refused is logged and counted in the
+round's metrics row (``refused``: messages or uploads; a client whose reply was refused counts as ``rejected``),
+and never reaches the model.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import logging
 import math
 import time
 import tomllib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +71,8 @@ class DriverOptions:
     progress: bool = False
     poll_s: float = 1.0  # between looks for nodes that joined
     reply_poll_s: float = 0.25  # between looks for replies (Flower's own send_and_receive looks every 3 s)
+    setup_retry_s: float = 5.0  # a node whose setup failed or was refused is asked again after this, doubling
+    setup_retry_max_s: float = 300.0  # ... up to this
 
 
 class CellmStrategy:
@@ -81,7 +91,13 @@ class CellmStrategy:
         self.bad_nodes: dict[int, str] = {}
         self.asked: set[int] = set()  # nodes sent the setup message
         self.pending: dict[str, int] = {}  # setup message id -> node, not answered yet
+        self.retry: dict[int, tuple[float, int]] = {}  # node whose setup failed -> (when to ask again, failures)
         self.started = False  # every client was served once (the first round may start)
+        self.refused: list[str] = []  # messages (or parts) refused since the last metrics row, each logged
+        self.refused_clients: list[int] = []  # the last round's clients whose reply was refused
+        self.vector_size: Callable[[], int] | None = None  # the trained vector's entries (bounds an upload)
+        self.clock: Callable[[], float] = time.monotonic  # when a refused node is asked again
+        self.last_sent: dict[str, int] = {}  # the messages last pushed: id -> node
 
     # -------------------------------------------------------------- nodes
 
@@ -97,16 +113,28 @@ class CellmStrategy:
         """
         deadline = time.monotonic() + wait_s
         while True:
-            new = sorted(set(grid.get_node_ids()) - self.asked)
+            online = set(grid.get_node_ids())
+            self._forget_offline(online)
+            now = self.clock()
+            due = {n for n, (at, _) in self.retry.items() if at <= now and n in online}
+            new = sorted((online - self.asked) | due)
             if new:
                 msgs = [Message(P.setup_content(self.toml, self.run_id), dst_node_id=n, message_type=MessageType.QUERY,
                                 group_id="setup") for n in new]
-                for msg_id, n in zip(grid.push_messages(msgs), new, strict=True):
-                    self.pending[msg_id] = n
+                pushed = _push(grid, msgs)
+                self.pending.update(pushed)
                 self.asked.update(new)
+                for n in due:  # asked again: the next failure schedules the next try
+                    self.retry[n] = (math.inf, self.retry[n][1])
+                for n in sorted(set(new) - set(pushed.values())):
+                    self._setup_failed(n, "its setup message could not be pushed")
             if self.pending:
                 for reply in grid.pull_messages(list(self.pending)):
-                    self.pending.pop(reply.metadata.reply_to_message_id, None)
+                    to, src = reply.metadata.reply_to_message_id, reply.metadata.src_node_id
+                    if self.pending.get(to) != src:  # the node it was sent to may still answer
+                        self._refuse(f"a setup reply from node {src} to a message not sent to it (or answered)")
+                        continue
+                    del self.pending[to]
                     self._node_answered(reply)
             missing = self.missing_clients()
             if not missing or not require_all:
@@ -119,24 +147,63 @@ class CellmStrategy:
                     f"{self.cfg.data.num_clients} clients, e.g. partition-id=i num-partitions=n for i in 0..n-1.")
             time.sleep(self.options.poll_s)
 
+    def _refuse(self, what: str) -> None:
+        """A message (or part of one) another party sent that the server does not use: logged and counted."""
+        log.error("refused %s", what)
+        self.refused.append(what)
+
+    def take_refused(self) -> int:
+        """How many refusals since the last call (each metrics row counts its own)."""
+        n, self.refused = len(self.refused), []
+        return n
+
+    def _setup_failed(self, node: int, why: str) -> None:
+        """Ask ``node`` again later, waiting twice as long after each failure (it may be restarting, or its
+        claim may become free when the node that holds it goes offline)."""
+        count = self.retry.get(node, (0.0, 0))[1] + 1
+        delay = min(self.options.setup_retry_s * 2 ** (count - 1), self.options.setup_retry_max_s)
+        self.retry[node] = (self.clock() + delay, count)
+        self.bad_nodes[node] = why
+        log.error("node %s is not set up (%s); asking it again in %.0f s", node, why, delay)
+
     def _node_answered(self, reply: Message) -> None:
+        """Use a node's setup reply if its claim holds: client ids in range, none served by another live node
+        (the first node to claim a client keeps it)."""
         node = reply.metadata.src_node_id
         if reply.has_error():
-            self.bad_nodes[node] = reply.error.reason
-            log.error("node %s refused the setup: %s", node, reply.error.reason)
+            self._setup_failed(node, f"it failed the setup: {reply.error.reason}")
             return
         try:
-            clients = P.read_node(reply.content)
+            clients = P.read_node(reply.content, self.cfg.data.num_clients)
         except P.ProtocolError as exc:
-            self.bad_nodes[node] = str(exc)
-            log.error("node %s sent a malformed setup reply: %s", node, exc)
+            self._refuse(f"node {node}'s setup reply: {exc}")
+            self._setup_failed(node, f"malformed setup reply: {exc}")
             return
+        taken = {c: self.client_node[c] for c in clients if self.client_node.get(c, node) != node}
+        if taken:
+            self._refuse(f"node {node}'s claim of cellm clients served by other nodes ({taken})")
+            self._setup_failed(node, f"it claims clients other nodes serve: {sorted(taken)}")
+            return
+        for c in self.node_clients.pop(node, []):  # set up again: its new claim replaces its old one
+            if self.client_node.get(c) == node:
+                del self.client_node[c]
         self.node_clients[node] = clients
         for c in clients:
-            if c in self.client_node and self.client_node[c] != node:
-                log.warning("client %d is served by nodes %d and %d; using %d", c, self.client_node[c], node, node)
             self.client_node[c] = node
+        self.retry.pop(node, None)
+        self.bad_nodes.pop(node, None)
         log.info("node %s serves cellm clients %s", node, clients)
+
+    def _forget_offline(self, online: set[int]) -> None:
+        """Nodes that went offline serve nothing: their clients are not sampled until a node claims them."""
+        for n in sorted(n for n in self.node_clients if n not in online):
+            self.asked.discard(n)  # if it comes back under the same id, it is set up again
+            clients = self.node_clients.pop(n)
+            for c in clients:
+                if self.client_node.get(c) == n:
+                    del self.client_node[c]
+            log.warning("node %s is offline: its clients %s are not sampled until a node serves them again",
+                        n, clients)
 
     # -------------------------------------------------------------- one round
 
@@ -150,14 +217,30 @@ class CellmStrategy:
         return [Message(P.task_content([plan.tasks[c] for c in cs], self.digest, keep), dst_node_id=n,
                         message_type=MessageType.TRAIN, group_id=str(plan.round)) for n, cs in per_node.items()]
 
-    def collect(self, plan: RoundPlan, replies: list[Message], sent: list[int]):
-        """Check each reply comes from the right node for clients it was sent; return (replies by client, lost
-        clients). A client whose node answers with an error counts as "failed", one with no reply in time as
-        "late"."""
+    def collect(self, plan: RoundPlan, replies: list[Message], sent: list[int],
+                sent_to: dict[int, int] | None = None, messages: dict[str, int] | None = None):
+        """Check every reply before its uploads are used; return (replies by client, lost clients).
+
+        A reply is used only if it answers a train message of this round (``messages``: message id -> the node it
+        was sent to) from that node, once, and passes :func:`~cellm.runtime.flower.protocol.read_replies`; each
+        upload in it only if its client was sent to that node (``sent_to``) for this round, once. Anything else
+        is refused: logged and counted (:meth:`take_refused`), never used. A client whose node answers with an
+        error counts as "failed", one whose reply was refused as "refused", one with no reply in time as "late".
+        """
+        sent_to = sent_to if sent_to is not None else {c: self.client_node[c] for c in sent if c in self.client_node}
         got: dict[int, Any] = {}
+        answered: set[str] = set()
         node_failed: set[int] = set()
+        refused: set[int] = set()
+        numel = self.vector_size() if self.vector_size is not None else None
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node, to = msg.metadata.src_node_id, msg.metadata.reply_to_message_id
+            if messages is not None and (messages.get(to) != node or to in answered):
+                self._refuse(f"round {plan.round}: a reply from node {node} to message {to[:16]!r}, which "
+                             f"{'it answered already' if to in answered else 'was not sent to it this round'}")
+                continue
+            answered.add(to)
+            mine = {c for c in sent if sent_to.get(c) == node}
             if msg.has_error():
                 log.error("round %d: node %s failed: %s", plan.round, node, msg.error.reason)
                 node_failed.add(node)
@@ -165,19 +248,27 @@ class CellmStrategy:
                     self.asked.discard(node)
                 continue
             try:
-                uploads = P.read_replies(msg.content)
+                uploads = P.read_replies(msg.content, num_clients=self.cfg.data.num_clients, numel=numel)
             except P.ProtocolError as exc:
-                log.error("round %d: node %s sent a malformed reply: %s", plan.round, node, exc)
+                self._refuse(f"round {plan.round}: node {node}'s reply: {exc}")
+                refused |= mine
                 continue
             for client, round_, reply in uploads:
-                if (round_ != plan.round or client not in sent or self.client_node.get(client) != node
-                        or client in got):
-                    log.error("round %d: node %s replied for client %d round %d, which it was not asked",
-                              plan.round, node, client, round_)
+                if client not in mine:
+                    why = "which was not sent to it this round"
+                elif round_ != plan.round:
+                    why = f"for round {round_}"
+                elif client in got:
+                    why = "a second time"
+                else:
+                    got[client] = reply
                     continue
-                got[client] = reply
-        failed = {c for c in sent if c not in got and self.client_node.get(c) in node_failed}
-        lost = {c: ("failed" if c in failed else "late") for c in sent if c not in got}
+                self._refuse(f"round {plan.round}: node {node}'s upload for client {client} {why}")
+                if client in mine and client not in got:
+                    refused.add(client)
+        failed = {c for c in sent if c not in got and sent_to.get(c) in node_failed}
+        lost = {c: ("failed" if c in failed else "refused" if c in refused else "late") for c in sent if c not in got}
+        self.refused_clients = sorted(c for c, why in lost.items() if why == "refused")
         if lost:
             log.warning("round %d: no upload from clients %s", plan.round, lost)
         return got, lost
@@ -195,17 +286,7 @@ class CellmStrategy:
             self.started = True
         deadline = time.monotonic() + self.options.node_wait_s
         while True:
-            self.discover(self.grid, 0.0, require_all=False)
-            online = set(self.grid.get_node_ids())
-            gone = sorted(n for n in self.node_clients if n not in online)
-            for n in gone:
-                self.asked.discard(n)  # if it comes back under the same id, it is set up again
-                clients = self.node_clients.pop(n)
-                for c in clients:
-                    if self.client_node.get(c) == n:
-                        del self.client_node[c]
-                log.warning("node %s is offline: its clients %s are not sampled until a node serves them again",
-                            n, clients)
+            self.discover(self.grid, 0.0, require_all=False)  # forgets nodes that went offline
             if self.client_node:
                 return
             if time.monotonic() >= deadline:
@@ -222,21 +303,26 @@ class CellmStrategy:
         """Send the round's tasks (one message per node), collect the uploads; ``self.transport`` = the (down, up)
         bytes Flower serialized for every train message sent and every reply received."""
         messages = self.configure_train(plan, self.grid, arrived)
+        sent_to = {c: m.metadata.dst_node_id for m in messages for c in m.content.config_records[P.TASKS][P.CLIENTS]}
         replies = self.send_and_receive(messages, self.options.round_timeout_s)
         self.transport = (sum(P.transport_size(m) for m in messages), sum(P.transport_size(r) for r in replies))
-        return self.collect(plan, replies, arrived)
+        return self.collect(plan, replies, arrived, sent_to, self.last_sent)
 
     def send_and_receive(self, messages: list[Message], timeout: float) -> list[Message]:
-        """Push ``messages`` and pull their replies until all have come or ``timeout`` has passed."""
+        """Push ``messages`` and pull their replies until all have come or ``timeout`` has passed;
+        ``self.last_sent`` maps the pushed messages' ids to their nodes."""
+        self.last_sent = {}
         if not messages:
             return []
-        pending = set(self.grid.push_messages(messages))
+        self.last_sent = _push(self.grid, messages)
+        pending = set(self.last_sent)
         deadline = time.monotonic() + timeout
         replies: list[Message] = []
         while pending:
             got = list(self.grid.pull_messages(list(pending)))
             replies += got
-            pending -= {r.metadata.reply_to_message_id for r in got}
+            pending -= {r.metadata.reply_to_message_id for r in got  # a reply from another node answers nothing
+                        if self.last_sent.get(r.metadata.reply_to_message_id) == r.metadata.src_node_id}
             if not pending or time.monotonic() >= deadline:
                 break
             time.sleep(self.options.reply_poll_s)
@@ -253,6 +339,16 @@ class CellmStrategy:
         if len(replies) < len(msgs) or bad:
             log.warning("run finished, but %d of %d nodes did not confirm removing its client state (errors from %s)",
                         len(msgs) - len(replies) + len(bad), len(msgs), bad)
+
+
+def _push(grid: Grid, messages: list[Message]) -> dict[str, int]:
+    """Push ``messages``; return the ids of those pushed, each with the node it was sent to. Grids set each
+    message's id as they push it (and may leave out one that failed), so the mapping does not rely on order."""
+    ids = [i for i in grid.push_messages(messages) if i]
+    by_id = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+    if not all(i in by_id for i in ids):  # a grid that sets no message ids: its ids come in message order
+        by_id = {i: m.metadata.dst_node_id for i, m in zip(ids, messages, strict=False)}
+    return {i: by_id[i] for i in ids}
 
 
 # ------------------------------------------------------------------ the ServerApp
@@ -291,6 +387,7 @@ def run_server(grid: Grid, cfg: CellmConfig | None, out: str | Path | None,
                 strategy.discover(grid, options.node_wait_s)
             finally:
                 setup = loading.result()
+        strategy.vector_size = lambda: setup.flat.numel  # of the current stage (SLoRA switches vectors)
         state = None
         if checkpoint is not None:
             state, _, _ = ckpt.restore(checkpoint, setup, cfg, "flower")
@@ -302,7 +399,9 @@ def run_server(grid: Grid, cfg: CellmConfig | None, out: str | Path | None,
             rec = RunRecorder(cfg, out_dir, metric, options.progress)
 
             def on_round(st: ServerState, row: dict[str, Any]) -> None:
+                row["refused"] = strategy.take_refused()  # messages (or parts) from nodes the server did not use
                 if row["round"] > 0:
+                    row["rejected"] = row.get("rejected", 0) + len(strategy.refused_clients)  # as a bad upload is
                     loss = row.get("train_loss")
                     log.info("round %d/%d: clients %s, %s bytes so far, loss %s, eval %s, %.1f s", row["round"],
                              cfg.rounds, row.get("clients"), row.get("cum_bytes"),
