@@ -209,6 +209,8 @@ def test_a_party_on_the_public_port_can_neither_register_a_node_key_nor_start_a_
         assert runs.returncode == 0 and json.loads(runs.stdout)["runs"] == [], runs.stdout + runs.stderr
         reg = flwr_cli(["supernode", "register", str(node_pub), "inside"], timeout=60, cwd=tmp_path)
         assert reg.returncode == 0, reg.stdout + reg.stderr
+        listed = json.loads(flwr_cli(["supernode", "ls", "inside", "--format", "json"], timeout=60, cwd=tmp_path).stdout)
+        assert [n["status"] for n in listed["nodes"]] == ["registered"]  # not online until the node connects
         log = procs.log("superlink")
         assert "cellm: refused /v1/control/" in log and f"from {public}" in log
 
@@ -220,7 +222,7 @@ def test_a_party_on_the_public_port_can_neither_register_a_node_key_nor_start_a_
         def online() -> bool:
             r = flwr_cli(["supernode", "ls", "inside", "--format", "json"], timeout=60, cwd=tmp_path)
             listed = json.loads(r.stdout)["nodes"] if r.returncode == 0 else []
-            return len(listed) == 1 and "online" in json.dumps(listed[0]).lower()
+            return len(listed) == 1 and listed[0]["status"] == "online"
 
         wait_for("the registered SuperNode online through the public address", online, 90)
     except BaseException:
