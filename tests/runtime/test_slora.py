@@ -135,8 +135,10 @@ def test_slora_refuses_what_its_second_stage_cannot_do(cache_dir):
      1635, 4356),
 ])
 def test_one_stage_runs_send_the_same_bytes_as_before_stages_existed(cache_dir, extra, down, up):
-    """Figures of the tiny preset measured on the code before staged runs were added."""
-    cfg = load_config(preset="tiny", overrides=[f"data.cache_dir='{cache_dir}'", "run.threads=1", *extra])
+    """Figures of the tiny preset measured on the code before staged runs were added (and before robust
+    aggregation, whose bound changes the trajectory, so it is off here)."""
+    cfg = load_config(preset="tiny", overrides=[f"data.cache_dir='{cache_dir}'", "run.threads=1",
+                                                "robust.clip_factor=0", *extra])
     result = api.run(cfg, save=False)
     assert (result.totals["down_bytes"], result.totals["up_bytes"]) == (down, up)
     assert all("stage" not in row for row in result.metrics)
