@@ -26,6 +26,7 @@ import tomli_w
 flwr = pytest.importorskip("flwr", reason="Flower is not installed: pip install 'cellm[flower]' (make test does)")
 
 import torch  # noqa: E402
+from conftest import one_thread_env  # noqa: E402
 
 import cellm  # noqa: E402
 from cellm.runtime.flower import protocol as P  # noqa: E402
@@ -46,18 +47,9 @@ def flower_env(tmp_path_factory):
            "RAY_TMPDIR": str(home / "ray"), "CELLM_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1",
            "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "CELLM_NODE_STATE_DIR": str(home / "node-state")}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     (home / "ray").mkdir()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield home
-    torch.set_num_threads(threads)
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with one_thread_env(env):
+        yield home
 
 
 def tiny(*overrides: str):

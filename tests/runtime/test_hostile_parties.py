@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +22,7 @@ flwr = pytest.importorskip("flwr", reason="Flower is not installed: pip install 
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from conftest import one_thread_env  # noqa: E402
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict  # noqa: E402
 
 import cellm  # noqa: E402
@@ -42,17 +42,8 @@ def node_env(tmp_path_factory):
     home = tmp_path_factory.mktemp("hostile")
     env = {"CELLM_TORCH_THREADS": "1", "CELLM_NODE_STATE_DIR": str(home / "node-state"),
            "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield home
-    torch.set_num_threads(threads)
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with one_thread_env(env):
+        yield home
 
 
 def config(*overrides: str):
