@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import datetime as _dt
 import ipaddress
+import json
 import os
 import shlex
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,9 +189,6 @@ def flwr_run_command(superlink_name: str, run_config: str | Path, *, stream: boo
 def run_info(superlink_name: str, run_id: str | int, env: dict[str, str] | None = None) -> dict:
     """Flower's record of a run (``flwr ls --run-id``): status ("finished:completed", ...), status-details,
     network-traffic (bytes Flower itself moved, envelopes and setup messages included)."""
-    import json
-    import subprocess
-
     r = subprocess.run([flwr_executable(), "ls", superlink_name, "--run-id", str(run_id), "--format", "json"],
                        capture_output=True, text=True, timeout=60, env=env)
     data = json.loads(r.stdout) if r.stdout.strip().startswith("{") else {}
@@ -200,8 +200,6 @@ def run_info(superlink_name: str, run_id: str | int, env: dict[str, str] | None 
 
 def flwr_executable() -> str:
     """The ``flwr`` installed beside this Python (a venv need not be activated), else the one on PATH."""
-    import sys
-
     local = Path(sys.executable).parent / "flwr"
     return str(local) if local.exists() else "flwr"
 
@@ -209,9 +207,6 @@ def flwr_executable() -> str:
 def child_env(env: dict[str, str] | None = None) -> dict[str, str]:
     """The environment for Flower processes: this Python's bin folder first on PATH, because Flower starts
     ``flower-superexec``, ``flwr-serverapp`` and ``flwr-clientapp`` by name; no runtime dependency installs."""
-    import os
-    import sys
-
     env = dict(os.environ if env is None else env)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
