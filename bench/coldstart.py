@@ -33,7 +33,8 @@ import peft, transformers  # noqa: F401  imported by the model load anyway; coun
 t1 = time.time()
 import cellm
 from cellm.federated.client import ClientState, client_update
-from cellm.federated.server import ServerState, plan_round, train_spec
+from cellm.federated.messages import train_spec
+from cellm.federated.server import ServerState, plan_round
 from cellm.models import registry
 from cellm.runtime.setup import load_setup
 if sys.argv[3] == "gguf-each-time":

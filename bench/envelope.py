@@ -21,7 +21,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from cellm.core.codec import CodecSpec
 from cellm.core.feedback import compress
-from cellm.federated.client import ClientReply, ClientTask
+from cellm.federated.messages import ClientReply, ClientTask
 from cellm.models.flat import FlatView
 from cellm.models.registry import load_model
 from cellm.runtime.flower import protocol as P

@@ -8,8 +8,8 @@ import torch
 import cellm
 from cellm.core.codec import CodecError, CodecSpec, encode
 from cellm.core.sparse import SparseVector
-from cellm.federated.client import ClientReply
 from cellm.federated.faults import attack, attackers
+from cellm.federated.messages import ClientReply
 from cellm.federated.server import ServerState, check_upload, finish_round, plan_round
 
 

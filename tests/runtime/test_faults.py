@@ -4,7 +4,7 @@ import torch
 import cellm
 from cellm.core.codec import CodecSpec, encode
 from cellm.core.sparse import SparseVector
-from cellm.federated.client import ClientReply
+from cellm.federated.messages import ClientReply
 from cellm.federated.server import ServerState, finish_round, plan_round
 
 

@@ -76,7 +76,7 @@ def assert_same_run(a, b) -> None:
 
 def test_messages_carry_cellm_payloads_byte_for_byte():
     from cellm.core.codec import CodecSpec
-    from cellm.federated.client import ClientReply, ClientTask
+    from cellm.federated.messages import ClientReply, ClientTask
 
     payload = bytes(range(256)) * 3
     task = ClientTask(round=4, client=7, download=payload, up_density=0.25, codec_up=CodecSpec(values="int8"),

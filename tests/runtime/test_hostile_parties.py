@@ -337,7 +337,7 @@ def test_a_round_whose_every_reply_is_refused_leaves_the_global_model_unchanged(
 
 def test_the_driver_survives_a_client_timing_that_is_not_a_number():
     """Whatever a runtime passes on in ``extra``, a round's overhead sum does not crash."""
-    from cellm.federated.client import ClientReply
+    from cellm.federated.messages import ClientReply
     from cellm.runtime.driver import play_round
 
     class Runner:

@@ -6,8 +6,9 @@ import torch
 import cellm
 from cellm.core.codec import decode
 from cellm.federated import client as client_mod
-from cellm.federated.client import ClientState, InitMismatchError, client_update, vector_digest
-from cellm.federated.server import ServerState, masked_weights, plan_round, train_spec
+from cellm.federated.client import ClientState, InitMismatchError, client_update
+from cellm.federated.messages import train_spec, vector_digest
+from cellm.federated.server import ServerState, masked_weights, plan_round
 from cellm.runtime.setup import load_setup
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cellm.config import load_config, stage_config
+from cellm.config import load_config
 from cellm.core.codec import decode
 from cellm.core.slora import scatter_delta, subset_indices, svd_lora_init
 from cellm.data.types import Split
@@ -13,8 +13,9 @@ from cellm.federated.server import model_weights
 from cellm.interface import api
 from cellm.models.evaluate import evaluate
 from cellm.runtime import runfolder as rf
-from cellm.runtime.embedded import simulate
+from cellm.runtime.embedded import Simulator, simulate
 from cellm.runtime.setup import load_setup
+from cellm.runtime.stages import stage_config
 
 
 def _cfg(cache_dir, *extra):
@@ -56,14 +57,14 @@ def test_the_stage1_subset_comes_from_the_seed_so_server_and_client_agree_and_it
     head = sum(p.numel() for n, p in server.loaded.model.named_parameters() if p.requires_grad and "classifier" in n)
     assert server.flat.numel == k + head
     seen = []
-    real = api.Simulator.run_clients
+    real = Simulator.run_clients
 
     def spy(self, plan, arrived):
         seen.extend(plan.tasks.values())
         return real(self, plan, arrived)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(api.Simulator, "run_clients", spy)
+        mp.setattr(Simulator, "run_clients", spy)
         api.run(cfg, save=False)
     stage1 = [t for t in seen if t.stage == 1]
     assert stage1 and all(decode(t.download, max_n=10**7).n == k + head for t in stage1)

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from cellm.core.optim import make_optimizer
+
 
 @dataclass(frozen=True)
 class ServerOptSpec:
@@ -24,18 +26,6 @@ class ServerOptSpec:
     weight_decay: float = 0.0
 
 
-def _make(spec: ServerOptSpec, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    if spec.name == "sgd":
-        return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
-    if spec.name == "adam":
-        return torch.optim.Adam(params, lr=spec.lr, betas=(spec.beta1, spec.beta2), eps=spec.eps,
-                                weight_decay=spec.weight_decay)
-    if spec.name == "adamw":
-        return torch.optim.AdamW(params, lr=spec.lr, betas=(spec.beta1, spec.beta2), eps=spec.eps,
-                                 weight_decay=spec.weight_decay)
-    raise ValueError(f"unknown server optimizer {spec.name!r}")
-
-
 def server_step(
     w: torch.Tensor, grad: torch.Tensor, state: dict[str, Any] | None, spec: ServerOptSpec
 ) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -43,7 +33,8 @@ def server_step(
     if grad.shape != w.shape:
         raise ValueError(f"gradient shape {tuple(grad.shape)} != weights shape {tuple(w.shape)}")
     p = torch.nn.Parameter(w.detach().clone().to(torch.float32))
-    opt = _make(spec, [p])
+    opt = make_optimizer(spec.name, [p], lr=spec.lr, momentum=spec.momentum, betas=(spec.beta1, spec.beta2),
+                         eps=spec.eps, weight_decay=spec.weight_decay)
     if state:
         opt.load_state_dict(copy.deepcopy(state))
     p.grad = grad.detach().clone().to(torch.float32)

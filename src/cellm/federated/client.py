@@ -2,52 +2,21 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from cellm.core.codec import CodecError, CodecSpec, decode
+from cellm.core.codec import CodecError, decode
 from cellm.core.feedback import compress
+from cellm.core.optim import make_optimizer
 from cellm.data.types import Split
 from cellm.errors import CellmError
+from cellm.federated.messages import ClientReply, ClientTask, TrainSpec, vector_digest
 from cellm.federated.seeds import BATCHES, DROPOUT, derive
 from cellm.models.device import autocast, model_device
 from cellm.models.flat import FlatView, rank_support
-
-
-@dataclass(frozen=True)
-class TrainSpec:
-    optimizer: str = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    max_grad_norm: float = 0.0
-    local_steps: int = 5
-    local_epochs: int = 0
-    batch_size: int = 16
-    precision: str = "fp32"  # autocast of the forward pass: fp32 (none), bf16 or fp16
-
-
-@dataclass(frozen=True)
-class ClientTask:
-    """What the server sends a client in one round: the encoded download and the round's settings."""
-
-    round: int
-    client: int
-    download: bytes
-    up_density: float
-    codec_up: CodecSpec
-    download_mode: str = "weights"  # "weights": start from the download; "delta": add it to the kept copy
-    client_freeze: bool = False
-    error_feedback: bool = False
-    support_rank: int = 0  # rank tier: train and send only the first r ranks (0 = all)
-    download_masked: bool = False  # the download is a top-k part (its positions are the mask M), not everything
-    init_digest: str = ""  # init-relative download: digest of the seeded init w0 the client must regenerate
-    stage: int = 0  # SLoRA: 1 = train the seeded subset of the target weights, 2 = LoRA; 0 = a one-stage run
-    acked_round: int = 0  # the last round whose upload from this client the server accepted (0: none)
 
 
 @dataclass
@@ -95,23 +64,8 @@ class ClientState:
         return cls(pending_round=pending_round, **{k: tensors[k].to(torch.float32) for k in tensors})
 
 
-@dataclass
-class ClientReply:
-    payload: bytes
-    num_examples: int
-    train_loss: float
-    nonzeros: int
-    extra: dict = field(default_factory=dict)
-
-
 class InitMismatchError(CellmError):
     """The client's regenerated initial adapter w0 is not the server's: training from it would be garbage."""
-
-
-def vector_digest(x: torch.Tensor) -> str:
-    """A short, exact fingerprint of a float32 vector (its little-endian bytes), to compare w0 across machines."""
-    data = x.detach().to(torch.float32).contiguous().numpy().astype("<f4", copy=False).tobytes()
-    return hashlib.sha256(data).hexdigest()[:32]
 
 
 def _batches(n: int, spec: TrainSpec, gen: torch.Generator) -> list[torch.Tensor]:
@@ -127,14 +81,6 @@ def _batches(n: int, spec: TrainSpec, gen: torch.Generator) -> list[torch.Tensor
     return out
 
 
-def _optimizer(spec: TrainSpec, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    if spec.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
-    if spec.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
-    raise ValueError(f"unknown client optimizer {spec.optimizer!r}")
-
-
 def local_train(
     model: torch.nn.Module, flat: FlatView, start: torch.Tensor, data: Split, spec: TrainSpec, *,
     seed: int, round_: int, client: int, grad_mask: torch.Tensor | None = None,
@@ -147,7 +93,8 @@ def local_train(
     device = model_device(model)
     flat.set(start)
     gen = torch.Generator().manual_seed(derive(seed, round_, client, BATCHES))
-    opt = _optimizer(spec, flat.params)
+    opt = make_optimizer(spec.optimizer, flat.params, lr=spec.lr, momentum=spec.momentum,
+                         weight_decay=spec.weight_decay)
     masks = None
     if grad_mask is not None:
         masks = [grad_mask[a:b].view(p.shape).to(device=p.device, dtype=p.dtype)
@@ -229,5 +176,4 @@ def client_update(
     return ClientReply(payload, len(data), loss, sent.k, {"codec_s": codec_s}), new_state
 
 
-__all__ = ["ClientReply", "ClientState", "ClientTask", "CodecError", "InitMismatchError", "TrainSpec",
-           "client_update", "local_train", "vector_digest"]
+__all__ = ["ClientState", "CodecError", "InitMismatchError", "client_update", "local_train"]

@@ -23,7 +23,7 @@ from cellm.core.schedule import density_at
 from cellm.core.server_opt import ServerOptSpec, server_step
 from cellm.core.sparse import SparseVector
 from cellm.core.topk import num_kept, topk_mask
-from cellm.federated.client import ClientReply, ClientTask, TrainSpec, vector_digest
+from cellm.federated.messages import ClientReply, ClientTask, vector_digest
 from cellm.federated.seeds import DP_NOISE, derive, sample_clients
 
 
@@ -31,13 +31,6 @@ def codec_spec(cfg: CellmConfig, direction: str) -> CodecSpec:
     values = cfg.comm.codec_down if direction == "down" else cfg.comm.codec_up
     return CodecSpec(values=values, positions=cfg.comm.positions, block_size=cfg.comm.int8_block,
                      zstd_level=cfg.comm.zstd_level)
-
-
-def train_spec(cfg: CellmConfig) -> TrainSpec:
-    c = cfg.client
-    return TrainSpec(optimizer=c.optimizer, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay,
-                     max_grad_norm=c.max_grad_norm, local_steps=cfg.fl.local_steps,
-                     local_epochs=cfg.fl.local_epochs, batch_size=cfg.fl.batch_size, precision=cfg.run.precision)
 
 
 def server_opt_spec(cfg: CellmConfig) -> ServerOptSpec:

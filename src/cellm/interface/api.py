@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from cellm.config import CellmConfig, load_config, validate
-from cellm.federated.server import ServerState
-from cellm.models.evaluate import primary_metric
-from cellm.runtime import checkpoint as ckpt
-from cellm.runtime.embedded import Simulator, simulate
-from cellm.runtime.record import RunRecorder, RunResult, check_new_folder, default_out_dir, new_run_folder
-from cellm.runtime.setup import Setup, load_setup
-from cellm.runtime.threads import pin_threads, using_threads
+from cellm.runtime.embedded import make_simulator
+from cellm.runtime.record import RunResult, default_out_dir
+from cellm.runtime.session import Session
 
 __all__ = ["RunResult", "resume", "run"]
 
@@ -30,51 +25,47 @@ def _as_config(config: CellmConfig | dict | str | Path | None) -> CellmConfig:
 
 def run(config: CellmConfig | dict | str | Path | None = None, out: str | Path | None = None, *,
         progress: bool = False, save: bool = True) -> RunResult:
-    """Run a federated fine-tuning job; with ``save`` it writes a run folder (default runs/<model>-<data>-<time>).
+    """Run a federated fine-tuning job in this process (the embedded runtime), as ``cellm run`` does.
 
     Everything that can fail on bad input (config, assets, an existing folder) fails before the folder exists.
-    The run uses ``run.threads`` torch threads (resolved here when 0, and recorded in the folder's config);
-    the caller's own thread count is restored afterwards.
+    The run uses ``run.threads`` torch threads (resolved here when 0, and recorded in the folder's config); the
+    caller's own thread count is restored afterwards.
+
+    Args:
+        config: The run's config: a :class:`~cellm.config.CellmConfig`, a dict shaped like the TOML file (merged
+            over the defaults), the path of a TOML file, or None for the ``demo`` preset.
+        out: The run folder to write (config.toml, metrics.jsonl, checkpoints, the adapter, summary and plot). It
+            must not exist or be empty. None: ``runs/<model>-<data>-<time>`` when ``save``, else no folder.
+        progress: Show a progress bar over the rounds.
+        save: Write a run folder when ``out`` is None (False: keep everything in memory).
+
+    Returns:
+        The run's :class:`RunResult`: its metrics rows, the final adapter's PEFT state dict, the bytes sent.
+
+    Raises:
+        ConfigError: A config field, a file or the run folder is unusable (the message names it).
+        AssetError: A model's or dataset's files are missing or unreadable.
     """
-    cfg = pin_threads(_as_config(config))
+    cfg = _as_config(config)
     out_dir = Path(out) if out is not None else (default_out_dir(cfg) if save else None)
-    check_new_folder(out_dir)
-    with using_threads(cfg.run.threads):
-        setup = load_setup(cfg)  # AssetError / ConfigError surface here, before any file is written
-        with new_run_folder(out_dir, cfg):
-            return _execute(cfg, setup, out_dir, progress)
-
-
-def _execute(cfg: CellmConfig, setup: Setup, out_dir: Path | None, progress: bool,
-             checkpoint: dict[str, Any] | None = None) -> RunResult:
-    metric, _ = primary_metric(setup.loaded.task)
-    rec = RunRecorder(cfg, out_dir, metric, progress)
-    sim = Simulator(cfg, setup)
-    state, run_id = None, ckpt.new_run_id()
-    if checkpoint is not None:
-        state, sim.client_states, run_id = ckpt.restore(checkpoint, setup, cfg, "embedded")
-        if rec.bar is not None:
-            rec.bar.n = state.round
-
-    def on_round(st: ServerState, row: dict[str, Any]) -> None:
-        rec.on_round(st, row)
-        if out_dir is not None and ckpt.due(cfg, st.round):
-            ckpt.save(out_dir, cfg, st, run_id, "embedded", sim.client_states)
-
-    try:
-        state = simulate(cfg, setup, state=state, on_round=on_round, sim=sim)
-    finally:
-        rec.close()
-    return rec.finish(state, setup)
+    return Session.start(cfg, out_dir, progress=progress).run(make_simulator)
 
 
 def resume(out: str | Path, *, progress: bool = False) -> RunResult:
     """Continue the run in ``out`` from its last checkpoint; the result equals an uninterrupted run's.
 
-    The run keeps the thread count recorded in its config.toml, whatever the environment says now.
+    The run keeps the config and thread count recorded in its ``config.toml``, whatever the environment says
+    now.
+
+    Args:
+        out: The folder of a run that wrote checkpoints (``run.checkpoint_every`` > 0).
+        progress: Show a progress bar over the remaining rounds.
+
+    Returns:
+        The completed run's :class:`RunResult`, as if it had never stopped.
+
+    Raises:
+        ConfigError: No checkpoint, a checkpoint that does not match the folder's config, or one that is not a
+            cellm checkpoint (never unpickled).
     """
-    out_dir = Path(out)
-    cfg, checkpoint = ckpt.read(out_dir)
-    with using_threads(cfg.run.threads):
-        setup = load_setup(cfg)
-        return _execute(cfg, setup, out_dir, progress, checkpoint=checkpoint)
+    return Session.reopen(out, runtime="embedded", progress=progress).run(make_simulator)

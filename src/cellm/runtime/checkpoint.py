@@ -20,7 +20,7 @@ from cellm.errors import ConfigError
 from cellm.federated.client import ClientState
 from cellm.federated.server import ServerState
 from cellm.runtime import runfolder as rf
-from cellm.runtime.driver import enter_next_stage
+from cellm.runtime import stages
 from cellm.runtime.setup import Setup
 from cellm.runtime.threads import pin_threads
 
@@ -79,9 +79,16 @@ def stateful_clients(cfg: CellmConfig) -> bool:
     return cfg.comm.error_feedback_up or cfg.comm.download_mode == "delta"
 
 
+def run_id_of(ckpt: dict[str, Any] | None) -> str:
+    """The id that names a run to the nodes keeping its clients' state: the checkpoint's, else a new one (a new
+    run, or a checkpoint written before runs had ids)."""
+    rid = None if ckpt is None else ckpt.get("run_id")
+    return str(rid) if isinstance(rid, str) and rid else new_run_id()
+
+
 def restore(ckpt: dict[str, Any], setup: Setup, cfg: CellmConfig,
-            runtime: str) -> tuple[ServerState, dict[int, ClientState], str]:
-    """(server state, the clients' state kept by the runtime, run id) from a checkpoint, with ``setup`` (freshly
+            runtime: str) -> tuple[ServerState, dict[int, ClientState]]:
+    """(server state, the clients' state kept by the runtime) from a checkpoint, with ``setup`` (freshly
     loaded from the config) brought to the checkpoint's stage. A run written by another runtime resumes; if its
     clients' state was kept elsewhere (a Flower run's, on its nodes), a warning says it restarts from zero."""
     written_by = str(ckpt.get("runtime", "embedded"))
@@ -99,8 +106,10 @@ def restore(ckpt: dict[str, Any], setup: Setup, cfg: CellmConfig,
     if not (isinstance(state.w, torch.Tensor) and state.w.dtype == torch.float32 and state.w.dim() == 1
             and bool(torch.isfinite(state.w).all())):
         raise ConfigError(f"{where} global adapter is not a finite float32 vector")
+    if state.stage not in ((1, 2) if stages.first_stage(cfg) else (0,)):
+        raise ConfigError(f"{where} stage {state.stage} is not a stage of this run")
     if state.stage == 2:  # SLoRA past its switch: w0 is the SVD start, not the seeded init; load stage 2
-        enter_next_stage(setup, state, cfg)
+        stages.follow(setup, cfg, 2)
     elif state.w0 is None:  # a checkpoint written before w0 was kept
         state.w0 = setup.w0.clone()
     elif not torch.equal(state.w0, setup.w0):
@@ -109,5 +118,4 @@ def restore(ckpt: dict[str, Any], setup: Setup, cfg: CellmConfig,
     if state.w.numel() != setup.flat.numel:
         raise ConfigError(f"{where} global adapter has {state.w.numel()} entries, the model's has "
                           f"{setup.flat.numel}")
-    run_id = str(ckpt.get("run_id") or new_run_id())  # a checkpoint from before run ids: a fresh one
-    return state, clients, run_id
+    return state, clients

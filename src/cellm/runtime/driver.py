@@ -15,11 +15,11 @@ from typing import Any, Protocol
 
 import torch
 
-from cellm.config import CellmConfig, stage_config
+from cellm.config import CellmConfig
 from cellm.core.codec import HARD_MAX_N, CodecError, decode, encode
 from cellm.core.dp import epsilon as dp_epsilon
-from cellm.federated.client import ClientReply
 from cellm.federated.faults import ATTACK_NOISE, arrivals, attack, attackers
+from cellm.federated.messages import ClientReply
 from cellm.federated.seeds import derive
 from cellm.federated.server import (
     RoundOutcome,
@@ -35,7 +35,8 @@ from cellm.federated.server import (
 )
 from cellm.models.evaluate import evaluate
 from cellm.models.flat import FlatView, rank_support
-from cellm.runtime.setup import Setup, switch_to_lora
+from cellm.runtime import stages
+from cellm.runtime.setup import Setup
 
 OnRound = Callable[[ServerState, dict[str, Any]], None]
 
@@ -117,21 +118,6 @@ def metrics_row(state: ServerState, outcome: RoundOutcome | None, wall_s: float,
     return row
 
 
-def enter_next_stage(setup: Setup, state: ServerState, cfg: CellmConfig) -> float | None:
-    """SLoRA's switch, once stage 1's rounds are done: the global vector becomes LoRA initialised from the SVD of
-    stage 1's change (plus the head as trained), with a fresh server optimizer. Also brings a freshly loaded
-    setup (a resume) to the checkpoint's stage. Returns the share of stage 1's change kept, when it switched."""
-    if state.stage == 2 and setup.stage == 1:  # resuming in stage 2: the checkpoint holds stage 2's vector
-        switch_to_lora(setup, cfg, from_svd=False)
-    elif state.stage == 1 and state.round >= cfg.slora.stage1_rounds:
-        setup.flat.set(state.w)
-        kept = switch_to_lora(setup, cfg, from_svd=True)
-        state.w, state.w0 = setup.flat.get(), setup.w0.clone()
-        state.opt_state, state.stage = None, 2
-        return kept
-    return None
-
-
 def simulate_attacks(cfg: CellmConfig, plan: RoundPlan, replies: dict[int, ClientReply]) -> list[int]:
     """faults.byzantine: replace the chosen clients' uploads by hostile ones made from their honest uploads (an
     attacker is not bound to the configured value codec: what it cannot carry is sent as fp32). Returns the
@@ -189,7 +175,7 @@ def drive(cfg: CellmConfig, setup: Setup, runner: ClientRunner, state: ServerSta
     sizes = [len(split) for split in setup.data.clients]
     if state.round == 0 and not state.metrics:
         runner.prepare()
-        scfg = stage_config(cfg, state.stage)
+        scfg = stages.stage_config(cfg, state.stage)
         ev = evaluate_state(setup, state, scfg, 1)
         row = metrics_row(state, None, time.perf_counter() - t0, 0.0, ev, scfg)
         state.metrics.append(row)
@@ -199,8 +185,8 @@ def drive(cfg: CellmConfig, setup: Setup, runner: ClientRunner, state: ServerSta
     while state.round < cfg.rounds:
         r0 = time.perf_counter()
         runner.prepare()
-        kept = enter_next_stage(setup, state, cfg) if state.stage else None
-        scfg = stage_config(cfg, state.stage)
+        kept = stages.begin_next(setup, state, cfg) if stages.begins_now(state, cfg) else None
+        scfg = stages.stage_config(cfg, state.stage)
         outcome = play_round(state, scfg, supports, runner, sizes)
         t = state.round
         ev = None

@@ -1,7 +1,8 @@
 """The embedded simulator: one process, one base model in memory, clients are adapter states.
 
-It only executes clients, in process, one after another; the round loop is :func:`cellm.runtime.driver.drive`
-and everything a round does is in :mod:`cellm.federated`.
+It only executes clients, in process, one after another (:func:`cellm.runtime.clients.run_tasks`); the round loop
+is :func:`cellm.runtime.driver.drive`, the run around it :mod:`cellm.runtime.session`, and everything a round
+does is in :mod:`cellm.federated`.
 """
 
 from __future__ import annotations
@@ -9,8 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cellm.config import CellmConfig
-from cellm.federated.client import ClientReply, ClientState, client_update
-from cellm.federated.server import RoundPlan, ServerState, train_spec
+from cellm.federated.client import ClientState
+from cellm.federated.messages import ClientReply
+from cellm.federated.server import RoundPlan, ServerState
+from cellm.runtime.clients import MemoryStore, run_tasks
 from cellm.runtime.driver import OnRound, drive
 from cellm.runtime.setup import Setup
 
@@ -20,8 +23,34 @@ class Simulator:
     """Runs clients in process and holds the state they keep between rounds (only when a mode needs it)."""
 
     cfg: CellmConfig
-    setup: Setup
-    client_states: dict[int, ClientState] = field(default_factory=dict)
+    setup: Setup | None = None  # given by the session once loaded (:meth:`attach`)
+    store: MemoryStore = field(default_factory=MemoryStore)
+    runtime = "embedded"
+    connects = False
+
+    @property
+    def client_states(self) -> dict[int, ClientState]:
+        """Every client's kept state (what the run's checkpoints save)."""
+        return self.store.states
+
+    def connect(self) -> None:
+        """Nothing to connect to."""
+
+    def attach(self, setup: Setup, clients: dict[int, ClientState]) -> None:
+        self.setup = setup
+        self.store.states.update(clients)
+
+    def kept_clients(self) -> dict[int, ClientState]:
+        return self.store.states
+
+    def on_row(self, row: dict) -> None:
+        """No columns of its own."""
+
+    def checkpointed(self, round_: int) -> None:
+        """Nothing to tell anyone."""
+
+    def close(self) -> None:
+        """Nothing to release."""
 
     def prepare(self) -> None:
         """Nothing to set up: every client lives in this process."""
@@ -33,19 +62,16 @@ class Simulator:
     def run_clients(self, plan: RoundPlan, arrived: list[int]) -> tuple[dict[int, ClientReply], dict[int, str]]:
         """Train the clients that will reply in time. Failed and late clients do no work here, so their kept
         state (residuals) does not move: in effect their round never happened."""
-        spec = train_spec(self.cfg)
-        replies = {}
-        for c in arrived:
-            st = self.client_states.get(c, ClientState())
-            reply, new_state = client_update(self.setup.loaded.model, self.setup.flat, self.setup.data.clients[c],
-                                             plan.tasks[c], spec, st, seed=self.cfg.seed, w0=self.setup.w0)
-            if new_state.keeps_anything():
-                self.client_states[c] = new_state
-            replies[c] = reply
-        return replies, {}
+        assert self.setup is not None, "attach the setup first"
+        return run_tasks(self.setup, self.cfg, [plan.tasks[c] for c in arrived], self.store), {}
 
 
 def simulate(cfg: CellmConfig, setup: Setup, state: ServerState | None = None, on_round: OnRound | None = None,
              sim: Simulator | None = None) -> ServerState:
     """Run rounds in process until cfg.rounds; ``on_round(state, row)`` after each (and after round 0's eval)."""
     return drive(cfg, setup, sim or Simulator(cfg, setup), state, on_round)
+
+
+def make_simulator(cfg: CellmConfig, run_id: str, resumed_round: int) -> Simulator:
+    """The embedded runtime's runner for a :class:`~cellm.runtime.session.Session`."""
+    return Simulator(cfg)

@@ -20,12 +20,13 @@ from typing import Any
 import torch
 from peft import get_peft_model_state_dict
 
-from cellm.config import CellmConfig, model_label, stage_config
+from cellm.config import CellmConfig, model_label
 from cellm.errors import ConfigError
 from cellm.federated.server import ServerState, model_weights
 from cellm.runtime import runfolder as rf
 from cellm.runtime.plot import plot_runs
 from cellm.runtime.setup import Setup
+from cellm.runtime.stages import stage_config
 
 
 @dataclass
@@ -47,10 +48,6 @@ class RunResult:
     @property
     def initial_eval(self) -> dict[str, float]:
         return self.metrics[0]["eval"]
-
-    @property
-    def adapter_dir(self) -> Path | None:
-        return None if self.out_dir is None else self.out_dir / rf.ADAPTER
 
 
 def default_out_dir(cfg: CellmConfig) -> Path:

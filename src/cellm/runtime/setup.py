@@ -14,7 +14,7 @@ from cellm.errors import ConfigError
 from cellm.models.device import check_precision, resolve_device
 from cellm.models.flat import FlatView
 from cellm.models.registry import LoadedModel, load_model, resolve_spec
-from cellm.models.stages import enter_stage1, enter_stage2
+from cellm.runtime.stages import first_stage, initial_view
 
 
 @dataclass
@@ -60,24 +60,7 @@ def load_setup(cfg: CellmConfig) -> Setup:
     if data.num_clients < cfg.fl.clients_per_round:
         raise ConfigError(f"config field 'fl.clients_per_round' = {cfg.fl.clients_per_round} but the data has only "
                           f"{data.num_clients} clients; lower it")
-    stage = 1 if cfg.slora.stage1_rounds else 0
-    if stage:
-        flat = enter_stage1(loaded.model, cfg.slora.density, cfg.seed)
-    else:
-        flat = FlatView(loaded.model)
+    flat = initial_view(loaded.model, cfg)
     w0 = flat.get()
     loaded.model.to(device)
-    return Setup(loaded, flat, data, w0, stage, {"model_s": t1 - t0, "data_s": t2 - t1})
-
-
-def switch_to_lora(setup: Setup, cfg: CellmConfig, *, from_svd: bool) -> float:
-    """SLoRA's switch on this process's model: stage 2's trainable vector (LoRA + head) replaces stage 1's.
-
-    ``from_svd`` on the server (A and B from the SVD of stage 1's change, set into the model); clients get their
-    adapter from the download instead. Returns the share of stage 1's change the rank-r start keeps (nan for
-    clients).
-    """
-    setup.flat, kept = enter_stage2(setup.loaded.model, from_svd=from_svd, freeze_a=cfg.model.freeze_a)
-    setup.stage = 2
-    setup.w0 = setup.flat.get()
-    return kept
+    return Setup(loaded, flat, data, w0, first_stage(cfg), {"model_s": t1 - t0, "data_s": t2 - t1})

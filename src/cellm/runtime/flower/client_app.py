@@ -34,13 +34,13 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from cellm.config import load_config
-from cellm.federated.client import client_update
-from cellm.federated.server import train_spec
 from cellm.models.registry import check_assets
+from cellm.runtime.clients import run_tasks
 from cellm.runtime.flower import protocol as P
 from cellm.runtime.flower.node_paths import resolve as resolve_node_paths
-from cellm.runtime.flower.node_state import NodeStateStore
-from cellm.runtime.setup import load_setup, switch_to_lora
+from cellm.runtime.flower.node_state import NodeStateStore, RoundStore
+from cellm.runtime.setup import load_setup
+from cellm.runtime.stages import StageError, follow
 
 app = ClientApp()
 
@@ -87,7 +87,7 @@ def _state_store(context: Context, cache_dir: str, run_id: str) -> NodeStateStor
 
 
 def _config_and_setup(context: Context, digest: str):
-
+    """The run's config and this process's loaded setup (one model and data per process, kept across messages)."""
     if P.STATE_CONFIG not in context.state.config_records:
         raise P.ProtocolError(f"this node got a {P.NOT_SET_UP}")
     rec = context.state.config_records[P.STATE_CONFIG]
@@ -95,8 +95,6 @@ def _config_and_setup(context: Context, digest: str):
         raise P.ProtocolError(f"train message is for config {digest[:12]} but this node was set up with "
                               f"{str(rec.get('digest'))[:12]}")
     if digest not in _SETUP_CACHE:
-
-
         cfg = _run_config(str(rec["config"]), context)
         _threads(context, cfg.run.threads)  # before the model is built
         _SETUP_CACHE.clear()
@@ -110,7 +108,6 @@ def setup(msg: Message, context: Context) -> Message:
 
     The config is validated and the model's assets checked here, so a node that cannot train says so at once.
     """
-
     text, digest, run_id = P.read_setup(msg.content)
     cfg = _run_config(text, context)
     check_assets(cfg.model.name, cfg.model.path)
@@ -123,7 +120,6 @@ def setup(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """This node's cellm clients' round: for each task, decode the download, train, encode the upload."""
-
     tasks, digest, checkpoint_round = P.read_tasks(msg.content)
     cfg, setup_ = _config_and_setup(context, digest)
     _threads(context, cfg.run.threads)
@@ -131,33 +127,24 @@ def train(msg: Message, context: Context) -> Message:
     strangers = [t.client for t in tasks if t.client not in served]
     if strangers:
         raise P.ProtocolError(f"this node serves cellm clients {served}, not clients {strangers}")
-    if len({t.stage for t in tasks}) != 1:
-        raise P.ProtocolError("train message: its tasks are for different stages")
-    if tasks[0].stage != setup_.stage:  # SLoRA: the server has switched to LoRA; clients need no SVD, only the vector
-        if not (tasks[0].stage == 2 and setup_.stage == 1):
-            raise P.ProtocolError(f"train message is for stage {tasks[0].stage}, this node is in stage {setup_.stage}")
-        switch_to_lora(setup_, cfg, from_svd=False)
-    store = _state_store(context, cfg.data.cache_dir, str(context.state.config_records[P.STATE_CONFIG][P.RUN_ID]))
-    replies = []
     limit = P.max_payload_bytes(setup_.flat.numel)
     big = [t.client for t in tasks if len(t.download) > limit]
     if big:
         raise P.ProtocolError(f"train message: downloads of clients {big} exceed the {limit} bytes any encoding of "
                               f"this node's {setup_.flat.numel}-entry vector takes")
-    for task in tasks:
-        st = store.load(task.client, task.round, setup_.flat.numel)  # settled by client_update (task.acked_round)
-        reply, new_state = client_update(setup_.loaded.model, setup_.flat, setup_.data.clients[task.client], task,
-                                         train_spec(cfg), st, seed=cfg.seed, w0=setup_.w0)
-        if new_state.keeps_anything():  # as the embedded Simulator keeps it; the round's outcome stays pending
-            store.save(task.client, task.round, new_state, checkpoint_round)  # until the server's next task
-        replies.append((task.client, task.round, reply))
-    return Message(content=P.reply_content(replies), reply_to=msg)
+    run_id = str(context.state.config_records[P.STATE_CONFIG][P.RUN_ID])
+    try:
+        follow(setup_, cfg, tasks[0].stage)  # SLoRA: the server has switched to LoRA (clients need no SVD)
+    except StageError as exc:
+        raise P.ProtocolError(f"train message: {exc}") from None
+    store = RoundStore(_state_store(context, cfg.data.cache_dir, run_id), setup_.flat.numel, checkpoint_round)
+    replies = run_tasks(setup_, cfg, tasks, store)  # each client's state saved at once, its outcome pending
+    return Message(content=P.reply_content([(t.client, t.round, replies[t.client]) for t in tasks]), reply_to=msg)
 
 
 @app.query("finish")
 def finish(msg: Message, context: Context) -> Message:
     """The run completed: its clients' state on this node will not be needed again."""
-
     run_id = P.read_finish(msg.content)
     rec = context.state.config_records.get(P.STATE_CONFIG)
     if rec is None or rec.get(P.RUN_ID) != run_id:

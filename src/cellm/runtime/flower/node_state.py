@@ -32,6 +32,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -126,6 +127,22 @@ class NodeStateStore:
     def remove(self) -> None:
         """The run is over: its client state is not needed again."""
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class RoundStore:
+    """A node's :class:`NodeStateStore` as the :class:`~cellm.runtime.clients.ClientStore` of one train message:
+    with the vector size every file must have and the round the server's last checkpoint holds."""
+
+    store: NodeStateStore
+    numel: int
+    checkpoint_round: int
+
+    def load(self, client: int, round_: int) -> ClientState:
+        return self.store.load(client, round_, self.numel)
+
+    def save(self, client: int, round_: int, state: ClientState) -> None:
+        self.store.save(client, round_, state, self.checkpoint_round)
 
 
 def read_state(path: str | Path, round_: int | None = None, numel: int | None = None) -> ClientState:

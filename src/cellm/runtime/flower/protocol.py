@@ -48,7 +48,7 @@ from typing import Any
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from cellm.core.codec import HARD_MAX_N, CodecSpec
-from cellm.federated.client import ClientReply, ClientTask
+from cellm.federated.messages import ClientReply, ClientTask
 
 PAYLOAD_STYPE = "cellm.payload"  # Array.data is the raw cellm message (dtype uint8, shape (len,))
 SETUP, NODE, FINISH = "cellm.setup", "cellm.node", "cellm.finish"
@@ -122,12 +122,6 @@ def array_payload(arr: Array) -> bytes:
         raise ProtocolError(f"expected a cellm payload array, got stype={arr.stype!r} dtype={arr.dtype!r} "
                             f"shape={tuple(arr.shape)} with {len(arr.data)} bytes")
     return bytes(arr.data)
-
-
-def _payload_of(content: RecordDict, key: str) -> bytes:
-    if key not in content.array_records or "payload" not in content.array_records[key]:
-        raise ProtocolError(f"message has no '{key}' payload (records: {sorted(content.keys())})")
-    return array_payload(content.array_records[key]["payload"])
 
 
 # ------------------------------------------------------------------ config

@@ -41,7 +41,6 @@ import math
 import time
 import tomllib
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,15 +50,12 @@ from flwr.serverapp import Grid, ServerApp
 
 from cellm.config import CellmConfig, load_config
 from cellm.errors import ConfigError
-from cellm.federated.server import RoundPlan, ServerState
-from cellm.models.evaluate import primary_metric
-from cellm.runtime import checkpoint as ckpt
-from cellm.runtime.driver import drive
+from cellm.federated.server import RoundPlan
+from cellm.runtime.checkpoint import new_run_id
 from cellm.runtime.flower import protocol as P
 from cellm.runtime.flower.node_paths import for_nodes
-from cellm.runtime.record import RunRecorder, check_new_folder, default_out_dir, new_run_folder, summary
-from cellm.runtime.setup import load_setup
-from cellm.runtime.threads import pin_threads, using_threads
+from cellm.runtime.record import default_out_dir, summary
+from cellm.runtime.session import Session
 
 log = logging.getLogger("cellm.flower")
 
@@ -81,7 +77,7 @@ class CellmStrategy:
     def __init__(self, grid: Grid, cfg: CellmConfig, options: DriverOptions = DriverOptions(),
                  run_id: str | None = None, checkpoint_round: int = 0) -> None:
         self.grid, self.cfg, self.options = grid, cfg, options
-        self.run_id = run_id or ckpt.new_run_id()  # names this run's client state on the nodes, across resumes
+        self.run_id = run_id or new_run_id()  # names this run's client state on the nodes, across resumes
         self.checkpoint_round = checkpoint_round  # the round of the last checkpoint written (0: none)
         self.transport: tuple[int, int] | None = None  # (down, up) bytes Flower serialized in the last round
         self.toml = for_nodes(cfg)  # what the nodes get: their own paths, never the server's (node_paths)
@@ -273,6 +269,45 @@ class CellmStrategy:
             log.warning("round %d: no upload from clients %s", plan.round, lost)
         return got, lost
 
+    # -------------------------------------------------------------- the session's runner
+
+    runtime = "flower"
+    connects = True  # the server's model loads while the nodes answer the setup message
+
+    def connect(self) -> None:
+        """Set up the nodes until every cellm client is served (up to ``node_wait_s``)."""
+        self.discover(self.grid, self.options.node_wait_s)
+
+    def attach(self, setup, clients: dict) -> None:
+        """Uploads are bounded by the size of the vector being trained (SLoRA switches vectors)."""
+        self.vector_size = lambda: setup.flat.numel
+
+    def kept_clients(self) -> dict:
+        """None: the nodes keep their clients' state on their own disks."""
+        return {}
+
+    def on_row(self, row: dict[str, Any]) -> None:
+        """Count the refusals since the last row (messages or parts from nodes the server did not use)."""
+        row["refused"] = self.take_refused()
+        if row["round"] > 0:
+            row["rejected"] = row.get("rejected", 0) + len(self.refused_clients)  # as a bad upload is
+            loss = row.get("train_loss")
+            log.info("round %d/%d: clients %s, %s bytes so far, loss %s, eval %s, %.1f s", row["round"],
+                     self.cfg.rounds, row.get("clients"), row.get("cum_bytes"),
+                     "-" if loss is None else f"{loss:.4f}", row.get("eval"), row["round_s"])
+
+    def checkpointed(self, round_: int) -> None:
+        """Nodes may forget client state older than the newest checkpoint (see :meth:`configure_train`)."""
+        self.checkpoint_round = round_
+
+    def close(self) -> None:
+        """Tell the nodes the run completed; a failure here leaves their files, never the run's result."""
+        try:
+            self.finish()
+        except Exception as exc:  # noqa: BLE001 - the run is complete and saved; only the nodes' cleanup failed
+            log.warning("run finished, but telling the nodes failed (%s); their state dirs keep run %s",
+                        exc, self.run_id[:12])
+
     # -------------------------------------------------------------- the driver's ClientRunner
 
     def prepare(self) -> None:
@@ -355,73 +390,24 @@ def _push(grid: Grid, messages: list[Message]) -> dict[str, int]:
 
 def run_server(grid: Grid, cfg: CellmConfig | None, out: str | Path | None,
                options: DriverOptions = DriverOptions(), *, resume: bool = False):
-    """Run a cellm job over ``grid``; with ``out`` write the run folder (and checkpoints). With ``resume``,
-    continue the run in ``out`` from its checkpoint, with the config recorded there (``cfg`` must be None or the
-    same). Returns a RunResult."""
+    """Run a cellm job over ``grid`` (a :class:`~cellm.runtime.session.Session` with :class:`CellmStrategy` as
+    its runner); with ``out`` write the run folder (and checkpoints). With ``resume``, continue the run in ``out``
+    from its checkpoint, with the config recorded there (``cfg`` must be None or the same). Returns a
+    RunResult."""
     out_dir = Path(out) if out is not None else None
-    checkpoint = None
     if resume:
         if out_dir is None:
             raise ConfigError("resume needs the run folder (out) that holds the checkpoint")
-        saved, checkpoint = ckpt.read(out_dir)
-        if cfg is not None and pin_threads(cfg) != saved:
-            raise ConfigError(f"cannot resume: the config given differs from {out_dir / 'config.toml'}")
-        cfg = saved
-        if checkpoint.get("clients"):
-            raise ConfigError(f"cannot resume {out_dir} on Flower: its checkpoint holds client state from an "
-                              "embedded run; resume it with `cellm resume`")
+        session = Session.reopen(out_dir, runtime="flower", cfg=cfg, progress=options.progress, logger=log)
     else:
         if cfg is None:
             raise ConfigError("a new run needs a config")
-        check_new_folder(out_dir)
-    cfg = pin_threads(cfg)  # the nodes get the resolved count with the config
-    log.info("torch threads: %d (run.threads)", cfg.run.threads)
-    with using_threads(cfg.run.threads):
-        resumed_round = 0 if checkpoint is None else int(checkpoint["server"]["round"])
-        strategy = CellmStrategy(grid, cfg, options, run_id=None if checkpoint is None else checkpoint.get("run_id"),
-                                 checkpoint_round=resumed_round)
-        # Load the server's model and data while the nodes answer the setup message (each answer starts a process).
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            loading = pool.submit(load_setup, cfg)
-            try:
-                strategy.discover(grid, options.node_wait_s)
-            finally:
-                setup = loading.result()
-        strategy.vector_size = lambda: setup.flat.numel  # of the current stage (SLoRA switches vectors)
-        state = None
-        if checkpoint is not None:
-            state, _, _ = ckpt.restore(checkpoint, setup, cfg, "flower")
-            log.info("resuming %s after round %d (run %s)", out_dir, state.round, strategy.run_id[:12])
-        with new_run_folder(None if resume else out_dir, cfg):
-            if out_dir is not None:
-                log.info("run folder: %s", out_dir.resolve())
-            metric, _ = primary_metric(setup.loaded.task)
-            rec = RunRecorder(cfg, out_dir, metric, options.progress)
-
-            def on_round(st: ServerState, row: dict[str, Any]) -> None:
-                row["refused"] = strategy.take_refused()  # messages (or parts) from nodes the server did not use
-                if row["round"] > 0:
-                    row["rejected"] = row.get("rejected", 0) + len(strategy.refused_clients)  # as a bad upload is
-                    loss = row.get("train_loss")
-                    log.info("round %d/%d: clients %s, %s bytes so far, loss %s, eval %s, %.1f s", row["round"],
-                             cfg.rounds, row.get("clients"), row.get("cum_bytes"),
-                             "-" if loss is None else f"{loss:.4f}", row.get("eval"), row["round_s"])
-                rec.on_round(st, row)
-                if out_dir is not None and ckpt.due(cfg, st.round):
-                    ckpt.save(out_dir, cfg, st, strategy.run_id, "flower")
-                    strategy.checkpoint_round = st.round
-
-            try:
-                state = drive(cfg, setup, strategy, state=state, on_round=on_round)
-            finally:
-                rec.close()
-            result = rec.finish(state, setup)
-        try:
-            strategy.finish()
-        except Exception as exc:  # noqa: BLE001 - the run is complete and saved; only the nodes' cleanup failed
-            log.warning("run finished, but telling the nodes failed (%s); their state dirs keep run %s",
-                        exc, strategy.run_id[:12])
-        return result
+        session = Session.start(cfg, out_dir, progress=options.progress, logger=log)
+    log.info("torch threads: %d (run.threads)", session.cfg.run.threads)  # the nodes get this count too
+    if out_dir is not None:
+        log.info("run folder: %s", out_dir.resolve())
+    return session.run(lambda c, run_id, resumed: CellmStrategy(grid, c, options, run_id=run_id,
+                                                                checkpoint_round=resumed))
 
 
 def config_from_run_config(run_config: dict[str, Any]) -> tuple[CellmConfig | None, Path | None, DriverOptions]:
