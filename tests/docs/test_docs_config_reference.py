@@ -71,3 +71,15 @@ def test_the_api_page_names_each_config_table_by_its_dataclass() -> None:
     assert sorted(listed.values()) == sorted(tables)
     for cls_name, table in listed.items():
         assert getattr(config_module, cls_name) is tables[table], (cls_name, table)
+
+
+def test_every_top_level_name_of_cellm_is_in_the_api_reference() -> None:
+    import re
+
+    import cellm
+
+    api = (DOCS / "api.md").read_text()
+    documented = set(re.findall(r"^::: ([\w.]+)", api, flags=re.M))
+    missing = [name for name, module in cellm._EXPORTS.items()
+               if f"{module}.{name}" not in documented and module not in documented]
+    assert not missing, f"docs/api.md documents neither these names nor their modules: {missing}"
