@@ -1,10 +1,11 @@
+import inspect
 import json
 import tomllib
 
 import pytest
 
 import cellm
-from cellm.interface.compare import Sweep, load_sweep, method_dir, run_sweep
+from cellm.interface.compare import Sweep, compare, load_sweep, method_dir, run_sweep
 from cellm.interface.report import bytes_to_target, eval_points
 from cellm.methods import METHODS
 from cellm.runtime import runfolder as rf
@@ -30,7 +31,8 @@ def test_ffa_lora_never_sends_the_a_matrices(cache_dir):
     a_keys = [k for k in ffa.adapter if "lora_A" in k]
     assert a_keys
     # A in the final FFA adapter equals its seeded initialisation (never trained)
-    from cellm.models import FlatView, load_model
+    from cellm.models.flat import FlatView
+    from cellm.models.registry import load_model
 
     init = load_model("tiny-bert", lora_rank=4, lora_alpha=8, lora_dropout=0, num_labels=5, seed=0).model
     from peft import get_peft_model_state_dict
@@ -151,3 +153,41 @@ def test_sweep_seeds_must_be_distinct_non_negative_integers(tmp_path):
     p.write_text('base_preset = "tiny"\nmethods = ["dense"]\nseeds = [0, 0]\n')
     with pytest.raises(cellm.ConfigError, match="seeds"):
         load_sweep(p)
+
+
+def test_a_sweep_file_that_is_not_toml_is_named(tmp_path):
+    p = tmp_path / "s.toml"
+    p.write_text("methods = [\n")
+    with pytest.raises(cellm.ConfigError, match=f"sweep file {p} is not valid TOML"):
+        load_sweep(p)
+    with pytest.raises(cellm.ConfigError, match="sweep file not found"):
+        load_sweep(tmp_path / "nope.toml")
+
+
+def test_compare_runs_the_methods_given_and_returns_the_report_it_writes(tmp_path, cache_dir):
+    logs = []
+    table = compare(["dense"], out=tmp_path, preset="tiny", log=logs.append, slack=0.5,
+                    overrides=[f"data.cache_dir='{cache_dir}'", "rounds=1", "model.lora_rank=4"])
+    assert table == (tmp_path / "report.md").read_text() and "| dense |" in table
+    assert any(x.startswith("[dense] running") for x in logs) and (method_dir(tmp_path, "dense") / rf.SUMMARY).exists()
+
+
+@pytest.mark.parametrize(("kwargs", "needle"), [
+    ({"methods": ["dense"], "jobs": 0}, "jobs must be >= 1"),
+    ({"methods": []}, "sweep has no methods"),
+    ({"methods": ["dense"], "reference": "flasc-1/4"}, "reference 'flasc-1/4' is not among"),
+    ({"methods": ["dense"], "sweep": "s.toml"}, "a sweep file names its own methods"),
+    ({"methods": ["dense"], "seeds": [1, 1]}, "seeds must be distinct"),
+])
+def test_compare_refuses_bad_arguments_before_running_anything(tmp_path, kwargs, needle):
+    with pytest.raises(cellm.ConfigError, match=needle):
+        compare(out=tmp_path / "out", preset="tiny", **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_compare_docstring_documents_every_parameter_the_return_and_the_errors():
+    doc = inspect.getdoc(compare)
+    args, _, rest = doc.partition("Args:\n")[2].partition("\nReturns:\n")
+    assert "\nRaises:\n" in rest and "ConfigError:" in rest
+    for name in inspect.signature(compare).parameters:
+        assert f"\n    {name}: " in "\n" + args, name

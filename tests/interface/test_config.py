@@ -1,6 +1,14 @@
+import dataclasses
+from pathlib import Path
+
 import pytest
 
-from cellm.config import describe_fields, load_config, presets
+import cellm.config
+from cellm.config import describe_fields, load_config, presets, read_toml
+from cellm.core.codec.spec import POSITION_CHOICES, VALUE_CHOICES
+from cellm.core.robust import RULES
+from cellm.data import DATASETS
+from cellm.data.files import HOLDOUTS, PARTITIONS
 from cellm.errors import ConfigError
 
 
@@ -62,3 +70,51 @@ def test_every_field_has_help():
     rows = describe_fields()
     assert len(rows) > 40
     assert all(help_ for _, _, help_ in rows)
+
+
+def test_invalid_toml_is_a_config_error_naming_the_file(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("rounds = = 3\n")
+    with pytest.raises(ConfigError, match=f"config file {path} is not valid TOML"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=f"sweep file {path} is not valid TOML"):
+        read_toml(path, "sweep")
+
+
+def _meta(table: type, name: str) -> dict:
+    return next(f.metadata for f in dataclasses.fields(table) if f.name == name)
+
+
+def test_choice_lists_are_their_owners_objects_not_copies():
+    c = cellm.config
+    assert _meta(c.CommConfig, "codec_down")["choices"] is VALUE_CHOICES
+    assert _meta(c.CommConfig, "codec_up")["choices"] is VALUE_CHOICES
+    assert _meta(c.SLoRAConfig, "codec")["choices"] is VALUE_CHOICES and c.VALUE_CODECS is VALUE_CHOICES
+    assert _meta(c.CommConfig, "positions")["choices"] is POSITION_CHOICES
+    assert _meta(c.RobustConfig, "aggregator")["choices"] is RULES
+    assert _meta(c.DataConfig, "partition")["choices"] is PARTITIONS
+    assert _meta(c.DataConfig, "holdout")["choices"] is HOLDOUTS
+    assert _meta(c.DataConfig, "name")["choices"] == tuple(DATASETS)
+
+
+def test_no_source_line_of_the_config_package_is_longer_than_120_characters():
+    root = Path(cellm.config.__file__).parent
+    long = [f"{p.name}:{i}" for p in sorted(root.glob("*.py"))
+            for i, line in enumerate(p.read_text().splitlines(), 1) if len(line) > 120]
+    assert not long
+
+
+def test_wrapped_help_texts_join_with_single_spaces():
+    assert not [key for key, _, help_ in describe_fields() if "  " in help_ or help_ != help_.strip()]
+
+
+def test_presets_are_found_in_the_package_data_folder():
+    assert cellm.config.PRESET_DIR == Path(cellm.config.__file__).parent.parent / "presets"
+    assert {p.stem for p in cellm.config.PRESET_DIR.glob("*.toml")} == set(presets())
+
+
+
+def test_every_name_other_modules_import_from_the_config_package_is_there():
+    names = {"CellmConfig", "describe_fields", "file_spec", "load_config", "model_label", "presets", "stage_config",
+             "task_of", "validate", "merge", "preset_dict", "read_toml", "PRESET_DIR", "VALUE_CODECS"}
+    assert names <= set(cellm.config.__all__) and all(hasattr(cellm.config, n) for n in cellm.config.__all__)

@@ -8,3 +8,9 @@ class DataConfigError(ConfigError, ValueError):
 
     It subclasses ValueError as well so callers outside the CLI can catch it the ordinary way.
     """
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of a library's error message (or its type's name): enough for a one-line error of ours."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

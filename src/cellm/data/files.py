@@ -29,13 +29,15 @@ import numpy as np
 import torch
 
 from cellm.data.bbc import tokenize_texts
-from cellm.data.errors import DataConfigError
+from cellm.data.errors import DataConfigError, first_line
 from cellm.data.lm import chunk_tokens, pad_token_id, tokenize_streams
 from cellm.data.partition import stratified_split
 from cellm.data.types import FederatedData, Split
 
-FORMATS = ("classification", "lm", "instruction", "chat")
 PARTITIONS = ("auto", "natural", "iid", "dirichlet", "shard")
+"""data.partition: auto (natural with a client column, else iid) or a flwr-datasets partitioner."""
+HOLDOUTS = ("fraction", "clients")
+"""data.holdout without a test file: a stratified fraction of each client's rows, or that share of whole clients."""
 SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 MAX_CLASSES = 1000
 ROW = "__cellm_row__"
@@ -101,11 +103,6 @@ def file_format(text: str, label: str, prompt: str, response: str, messages: str
 
 # ---------------------------------------------------------------- reading
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
-
-
 def read_table(path: str, field: str) -> Any:
     """A file as an in-memory ``datasets.Dataset``; one-line errors for a missing, unknown or unreadable file."""
     import datasets
@@ -123,7 +120,7 @@ def read_table(path: str, field: str) -> Any:
             ds = datasets.load_dataset(builder, data_files=str(p), split="train", cache_dir=tmp,
                                        keep_in_memory=True)
         except Exception as exc:
-            raise DataConfigError(f"config field '{field}': cannot read {p} as {builder} ({_first_line(exc)})") from None
+            raise DataConfigError(f"config field '{field}': cannot read {p} as {builder} ({first_line(exc)})") from None
     if len(ds) == 0:
         raise DataConfigError(f"config field '{field}': {p} holds no rows")
     return ds
@@ -326,7 +323,7 @@ def _partitions(ds: Any, spec: FileSpec, n: int, *, alpha: float, min_size: int,
             rows = [np.asarray(part.load_partition(i)[ROW], dtype=np.int64) for i in range(part.num_partitions)]
     except ValueError as exc:
         raise DataConfigError(f"config field 'data.partition' = {kind!r}: flwr-datasets cannot split {len(ds)} rows "
-                              f"into {n} clients ({_first_line(exc)}); lower data.num_clients or data.min_client_size"
+                              f"into {n} clients ({first_line(exc)}); lower data.num_clients or data.min_client_size"
                               ) from None
     if kind == "natural":
         names = [str(part.partition_id_to_natural_id[i]) for i in range(part.num_partitions)]

@@ -18,15 +18,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing as mp
 import os
 import re
 import shutil
 import tomllib
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from cellm.config import CellmConfig, load_config, task_of
+from cellm.config import CellmConfig, load_config, read_toml, task_of
 from cellm.errors import ConfigError
 from cellm.interface.api import resume, run
 from cellm.interface.report import build_rows, build_seed_rows, markdown_table, seed_table
@@ -66,13 +69,7 @@ SWEEP_KEYS = {"methods", "base_preset", "base_config", "set", "reference", "slac
 
 
 def load_sweep(path: str | Path) -> Sweep:
-    try:
-        with open(path, "rb") as fh:
-            raw = tomllib.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"sweep file not found: {path}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"sweep file {path} is not valid TOML: {exc}") from None
+    raw = read_toml(path, "sweep")
     unknown = set(raw) - SWEEP_KEYS
     if unknown:
         raise ConfigError(f"unknown sweep key(s) {sorted(unknown)} in {path} (valid: {sorted(SWEEP_KEYS)})")
@@ -132,7 +129,6 @@ def _status(d: Path) -> str:
 
 def _run_one(cfg_toml: str, out: str, threads: int) -> str:
     """Run or resume one method; a config that leaves run.threads at 0 gets the sweep's share of the cores."""
-
     d = Path(out)
     status = _status(d)
     if status == "resume":
@@ -165,8 +161,6 @@ def run_sweep(sweep: Sweep, out: str | Path, *, jobs: int = 1, log=print, report
             log(f"[{_label(m, seed)}] {'resuming' if st == 'resume' else 'running'} -> {d}")
             _run_one(sweep.config_for(m, seed).to_toml(), str(d), threads)
     else:
-        import multiprocessing as mp
-
         with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
             futs = {pool.submit(_run_one, sweep.config_for(m, seed).to_toml(), str(d), threads): _label(m, seed)
                     for m, seed, d, _ in todo}
@@ -177,7 +171,6 @@ def run_sweep(sweep: Sweep, out: str | Path, *, jobs: int = 1, log=print, report
 
 
 def write_report(sweep: Sweep, out: Path) -> str:
-
     base = sweep.base()
     metric, higher = primary_metric(task_of(base))
     title = f"{base.model.name} on {base.data.name}"
@@ -207,3 +200,66 @@ def sweep_from_args(methods: list[str], preset: str | None, config: str | None, 
                   reference=reference, slack=slack)
     check_sweep(sweep)
     return sweep
+
+
+def compare(
+    methods: Sequence[str] = (),
+    *,
+    out: str | Path,
+    sweep: str | Path | None = None,
+    preset: str | None = None,
+    config: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    reference: str = "dense",
+    slack: float = 0.01,
+    seeds: Sequence[int] = (),
+    jobs: int = 1,
+    log: Callable[[str], Any] = print,
+    report: bool = True,
+) -> str:
+    """Run several methods on the same data, seeds and client sampling, then write a report (``cellm compare``).
+
+    Each method runs (or resumes, or is kept when finished) in ``<out>/runs/<method>/`` as a normal run folder,
+    so calling this again on the same ``out`` continues a sweep that was cut short.
+
+    Args:
+        methods: Method names (``cellm methods`` lists the built-in ones), each a set of config overrides on the
+            same base. Leave empty with ``sweep``.
+        out: The sweep folder: every method's run folder, then ``report.md``, ``report.json`` and ``plot.png``.
+        sweep: A sweep TOML file (methods, base preset or config, overrides, reference, slack, custom methods,
+            seeds; see the module docstring) instead of the arguments ``methods`` to ``seeds``.
+        preset: The base config's preset (default ``demo`` when neither ``preset`` nor ``config`` is given).
+        config: A TOML config file as the base, applied over ``preset``.
+        overrides: ``key=value`` settings applied to every method's config, before the method's own.
+        reference: The method whose final metric sets the target that the bytes-to-target column counts to.
+        slack: The target's distance from the reference's final metric: ``final - slack`` for accuracy,
+            ``final * (1 + slack)`` for perplexity.
+        seeds: Run every method once per seed and report mean, sd and the median bytes to the target; empty:
+            one run per method with the base config's seed.
+        jobs: Methods run in parallel processes (each gets its share of the CPU cores unless its config sets
+            ``run.threads``).
+        log: Called with one line per method as it is kept, started, resumed or finished.
+        report: Write the report files and return the table; False only runs the methods.
+
+    Returns:
+        The report as a Markdown table (also in ``<out>/report.md``), or ``""`` with ``report=False``.
+
+    Raises:
+        ConfigError: An unknown method or sweep key, a config that does not validate for some method, a
+            reference that is not among the methods, repeated or negative seeds, ``jobs < 1``, or ``sweep``
+            given together with ``methods``, ``preset``, ``config``, ``overrides`` or ``seeds``. Everything is
+            checked before the first run starts.
+        AssetError: A packaged model or dataset that a method needs is not installed.
+    """
+    if jobs < 1:
+        raise ConfigError(f"jobs must be >= 1; got {jobs}")
+    if sweep is not None:
+        if methods or preset is not None or config is not None or overrides or seeds:
+            raise ConfigError("a sweep file names its own methods, base config, overrides and seeds; pass either "
+                              "sweep or those")
+        plan = load_sweep(sweep)
+    else:
+        plan = Sweep(methods=list(methods), base_preset=preset, base_config=None if config is None else str(config),
+                     overrides=list(overrides), reference=reference, slack=float(slack), seeds=list(seeds))
+        check_sweep(plan)
+    return run_sweep(plan, out, jobs=jobs, log=log, report=report)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from cellm.data.errors import first_line
 from cellm.errors import AssetError, ConfigError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -213,7 +214,7 @@ def path_spec(path: str, task: str) -> ModelSpec:
         try:
             tok = AutoTokenizer.from_pretrained(str(src), **kw)
         except Exception as exc:
-            raise ConfigError(f"config field 'model.path': no usable tokenizer in {folder} ({_first_line(exc)})") from None
+            raise ConfigError(f"config field 'model.path': no usable tokenizer in {folder} ({first_line(exc)})") from None
         try:
             if task == "classification":
                 model = AutoModelForSequenceClassification.from_pretrained(
@@ -223,16 +224,11 @@ def path_spec(path: str, task: str) -> ModelSpec:
         except Exception as exc:
             raise ConfigError(f"config field 'model.path': transformers cannot load {path} as a "
                               f"{'sequence classifier' if task == 'classification' else 'causal LM'} "
-                              f"({_first_line(exc)})") from None
+                              f"({first_line(exc)})") from None
         return model, tok
 
     return ModelSpec(str(path), task, (), loader, _tokenizer_digest(folder, gguf),
                      gguf=None if gguf is None else (lambda: folder / gguf))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def _default_targets(spec: ModelSpec, model: torch.nn.Module) -> list[str]:

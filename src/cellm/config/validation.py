@@ -1,0 +1,110 @@
+"""Validation, once per load: every field's declared choices and bounds, then the rules that tie fields together.
+
+Each error is a one-line :class:`ConfigError` naming the field and what would fix it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import fields
+from typing import Any
+
+from cellm.config.derived import file_spec, task_of
+from cellm.config.schema import CellmConfig, DataConfig, bounds_text
+from cellm.errors import ConfigError
+from cellm.models.registry import MODELS
+
+FILES_ONLY = ("path", "test_path", "text_column", "label_column", "prompt_column", "response_column",
+              "messages_column", "client_column")
+"""The data.* fields that describe the user's files: empty for a packaged dataset."""
+
+
+def _check(ok: bool, field_name: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"config field '{field_name}' {msg}")
+
+
+def _within(value: float, bounds: dict[str, float]) -> bool:
+    return (value >= bounds.get("ge", -math.inf) and value > bounds.get("gt", -math.inf)
+            and value <= bounds.get("le", math.inf) and value < bounds.get("lt", math.inf))
+
+
+def _check_declared(cfg: Any, prefix: str) -> None:
+    """Every field's declared choices and bounds (the field metadata): each rule in one place."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_declared(value, f"{prefix}{f.name}.")
+        elif "choices" in f.metadata:
+            choices = f.metadata["choices"]
+            _check(value in choices, prefix + f.name, f"must be one of {', '.join(choices)}; got {value!r}")
+        elif "bounds" in f.metadata:
+            b = f.metadata["bounds"]
+            _check(_within(value, b), prefix + f.name, f"must be {bounds_text(b)}; got {value!r}")
+
+
+def _validate_files(d: DataConfig) -> None:
+    _check(bool(d.path), "data.path", "is empty: data.name = 'files' reads your .jsonl/.csv/.parquet file from it")
+    spec = file_spec(d)
+    spec.format  # noqa: B018 - raises a ConfigError for an inconsistent set of columns
+    kind = spec.partition_kind
+    if kind == "natural":
+        _check(bool(d.client_column), "data.client_column", "is empty: data.partition = 'natural' needs the "
+               "column naming each row's client")
+    if kind in ("dirichlet", "shard"):
+        _check(bool(d.label_column), "data.label_column", f"is empty: data.partition = '{kind}' splits over the "
+               "classes of a label column")
+
+
+def _validate_slora(cfg: CellmConfig) -> None:
+    s = cfg.slora
+    if not s.stage1_rounds:
+        return
+    _check(s.stage1_rounds < cfg.rounds, "slora.stage1_rounds",
+           f"({s.stage1_rounds}) must be below rounds ({cfg.rounds}): stage 2 needs at least one round")
+    why = "with slora.stage1_rounds > 0 (stage 2's start is the SVD of stage 1, which clients cannot rebuild)"
+    _check(not cfg.comm.init_relative, "comm.init_relative", f"must be false {why}")
+    _check(cfg.comm.download_mode == "weights", "comm.download_mode", "must be 'weights' with slora.stage1_rounds > 0")
+    _check(cfg.comm.freeze_mask_after == 0, "comm.freeze_mask_after", "must be 0 with slora.stage1_rounds > 0")
+    _check(cfg.hetero.mode == "none", "hetero.mode", "must be 'none' with slora.stage1_rounds > 0")
+    _check(not cfg.model.freeze_a, "model.freeze_a", f"must be false {why}")
+
+
+def validate(cfg: CellmConfig) -> None:
+    """Declared choices and bounds, then the rules that tie fields together. Raises ConfigError naming the field."""
+    _check_declared(cfg, "")
+    m, d, f = cfg.model, cfg.data, cfg.fl
+    if d.name == "files":
+        _validate_files(d)
+    else:
+        for name in FILES_ONLY:
+            _check(not getattr(d, name), f"data.{name}", f"applies to data.name = 'files' only (data.name is "
+                   f"'{d.name}'); leave it empty")
+    want = task_of(cfg)
+    if not m.path:
+        _check(m.name in MODELS, "model.name",
+               f"must be one of {', '.join(MODELS)} (or set model.path); got {m.name!r}")
+        task = MODELS[m.name].task
+        _check(task == want, "data.name",
+               f"'{d.name}' is {want} data but model '{m.name}' is a {task} model; pick a matching pair")
+    _check(f.clients_per_round <= d.num_clients, "fl.clients_per_round",
+           f"({f.clients_per_round}) must not exceed data.num_clients ({d.num_clients})")
+    _validate_slora(cfg)
+    fa = cfg.faults
+    _check(fa.norm_factor == 0 or fa.norm_factor >= 1, "faults.norm_factor",
+           f"must be 0 (off) or >= 1; got {fa.norm_factor}")
+    rb = cfg.robust
+    _check(rb.clip_factor == 0 or rb.clip_factor >= 1, "robust.clip_factor",
+           f"must be 0 (off) or >= 1 (below 1 even the median upload would be cut); got {rb.clip_factor}")
+    if rb.aggregator != "mean":
+        _check(f.aggregation == "mean", "fl.aggregation", f"must be 'mean' with robust.aggregator = "
+               f"'{rb.aggregator}' (example-count weights apply to the mean only)")
+        _check(cfg.dp.noise_multiplier == 0, "robust.aggregator", "must be 'mean' with differential privacy "
+               "(dp.noise_multiplier > 0): the noise is calibrated to a sum of clipped uploads")
+    h = cfg.hetero
+    if h.mode == "rank":
+        _check(m.lora_rank >= 4 ** (h.num_tiers - 1), "hetero.num_tiers",
+               f"needs model.lora_rank >= 4^(num_tiers-1) = {4 ** (h.num_tiers - 1)}; got rank {m.lora_rank}")
+        _check(cfg.comm.download_mode == "weights", "comm.download_mode",
+               "must be 'weights' with hetero.mode = 'rank'")
