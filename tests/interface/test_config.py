@@ -4,7 +4,16 @@ from pathlib import Path
 import pytest
 
 import cellm.config
-from cellm.config import describe_fields, load_config, presets, read_toml
+from cellm.config import (
+    CellmConfig,
+    describe_fields,
+    known_clients,
+    load_config,
+    preset_dict,
+    presets,
+    read_toml,
+    with_clients,
+)
 from cellm.core.codec.spec import POSITION_CHOICES, VALUE_CHOICES
 from cellm.core.robust import RULES
 from cellm.data import DATASETS
@@ -113,8 +122,52 @@ def test_presets_are_found_in_the_package_data_folder():
     assert {p.stem for p in cellm.config.PRESET_DIR.glob("*.toml")} == set(presets())
 
 
+# ---------------------------------------------------------------- data.num_clients = 0 (auto)
+
+def test_num_clients_defaults_to_auto_and_every_preset_names_its_own_number():
+    assert CellmConfig().data.num_clients == 0
+    for name in presets():
+        assert preset_dict(name)["data"]["num_clients"] > 0, name
+        assert load_config(preset=name).data.num_clients == preset_dict(name)["data"]["num_clients"]
+
+
+def _files_natural(**data) -> dict:
+    return {"model": {"name": "tiny-llama"}, "fl": {"clients_per_round": 500},
+            "data": {"name": "files", "path": "users.jsonl", "text_column": "text", "client_column": "user", **data}}
+
+
+def test_files_with_a_natural_partition_get_every_usable_client_by_default_checked_once_loaded():
+    cfg = load_config(data=_files_natural())  # no preset: the fields' defaults
+    assert cfg.data.num_clients == 0 and known_clients(cfg) is None
+    with pytest.raises(ConfigError, match=r"'fl.clients_per_round' \(500\) must not exceed data.num_clients \(12\)"):
+        load_config(data=_files_natural(num_clients=12))
+
+
+@pytest.mark.parametrize("data", [{"name": "bbc"}, {"name": "files", "path": "x.csv", "text_column": "text",
+                                                       "label_column": "label", "partition": "dirichlet"}])
+def test_auto_clients_where_the_data_names_none_are_50_and_checked_against_clients_per_round(data):
+    base = {"model": {"name": "tiny-bert"}, "data": {**data, "num_clients": 0}}
+    assert known_clients(load_config(data={**base, "fl": {"clients_per_round": 50}})) == 50
+    with pytest.raises(ConfigError, match="'fl.clients_per_round' \\(51\\) must not exceed the 50 clients that "
+                                          "data.num_clients = 0 \\(auto\\) loads"):
+        load_config(data={**base, "fl": {"clients_per_round": 51}})
+
+
+def test_with_clients_writes_back_what_0_resolved_to_and_nothing_else():
+    cfg = load_config(data=_files_natural(), overrides=["fl.clients_per_round=5"])
+    resolved = with_clients(cfg, 12)
+    assert resolved.data.num_clients == 12 and resolved.data.client_column == "user"
+    assert dataclasses.replace(resolved, data=cfg.data) == cfg
+    assert load_config(data=resolved.to_dict()) == resolved  # a valid config: the run folder's config.toml
+    assert with_clients(resolved, 12) is resolved
+    with pytest.raises(ValueError, match="only 0"):
+        with_clients(resolved, 11)
+    with pytest.raises(ConfigError, match="fl.clients_per_round"):
+        with_clients(cfg, 4)
+
 
 def test_every_name_other_modules_import_from_the_config_package_is_there():
     names = {"CellmConfig", "describe_fields", "file_spec", "load_config", "model_label", "presets", "stage_config",
-             "task_of", "validate", "merge", "preset_dict", "read_toml", "PRESET_DIR", "VALUE_CODECS"}
+             "task_of", "validate", "merge", "preset_dict", "read_toml", "with_clients", "PRESET_DIR",
+             "VALUE_CODECS"}
     assert names <= set(cellm.config.__all__) and all(hasattr(cellm.config, n) for n in cellm.config.__all__)

@@ -177,3 +177,22 @@ def test_a_model_type_peft_has_no_targets_for_lists_its_linear_layers(tmp_path, 
 def test_run_device_cuda_without_a_gpu_is_refused(tmp_path, cache_dir, own_models, own_files, capsys):
     code, out = _run(tmp_path, cache_dir, own_models["llama"], data__path=own_files["jsonl"], run__device="cuda", **LM)
     assert code == 2 and "run.device" in capsys.readouterr().err and not out.exists()
+
+
+def test_files_with_a_natural_partition_use_every_usable_client_by_default_and_the_number_reloads_the_same(
+        tmp_path, cache_dir, own_models):
+    from cellm.config import load_config, with_clients
+    from cellm.runtime.setup import load_setup
+
+    path = write_rows(tmp_path / "users.jsonl", own_rows(n=144, users=12))
+    cfg = load_config(data={  # a config of the user's own, without a preset: num_clients is left at its default
+        "model": {"path": str(own_models["llama"])}, "fl": {"clients_per_round": 3},
+        "data": {"name": "files", "path": path, "text_column": "text", "client_column": "user",
+                 "partition": "natural", "seq_len": 24, "min_client_size": 2, "cache_dir": cache_dir}})
+    assert cfg.data.num_clients == 0
+    auto = load_setup(cfg).data
+    assert auto.num_clients == 12 and sorted(auto.client_names) == sorted(f"user{i}" for i in range(12))
+    again = load_setup(with_clients(cfg, auto.num_clients)).data  # the number written back for a resume or a node
+    assert again.client_names == auto.client_names
+    for x, y in zip([*again.clients, again.test], [*auto.clients, auto.test], strict=True):
+        assert torch.equal(x.input_ids, y.input_ids) and torch.equal(x.labels, y.labels)

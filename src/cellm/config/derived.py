@@ -1,5 +1,5 @@
-"""What the other layers read off a config: the files' spec, the task, the model's label and a SLoRA stage's
-config."""
+"""What the other layers read off a config: the files' spec, the task, the model's label, the clients to load,
+a SLoRA stage's config, and the config with the number of clients its data loaded as."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import dataclasses
 from pathlib import Path
 
 from cellm.config.schema import CellmConfig, DataConfig
-from cellm.data import DATASETS, FileSpec
+from cellm.data import DATASETS, FileSpec, clients_to_load
+from cellm.errors import ConfigError
 
 
 def file_spec(d: DataConfig) -> FileSpec:
@@ -28,6 +29,32 @@ def task_of(cfg: CellmConfig) -> str:
     if cfg.data.name == "files":
         return file_spec(cfg.data).task
     return str(DATASETS[cfg.data.name].task)
+
+
+def known_clients(cfg: CellmConfig) -> int | None:
+    """The number of clients the data will load as, when the config alone tells it: data.num_clients, or what 0
+    (auto) stands for; None where only loading tells (0 with a natural partition of files: every usable client)."""
+    d = cfg.data
+    n = clients_to_load(d.name, d.num_clients, file_spec(d) if d.name == "files" else None)
+    return n or None
+
+
+def with_clients(cfg: CellmConfig, n: int) -> CellmConfig:
+    """``cfg`` with ``data.num_clients = n``, the number of clients its data loaded as (``FederatedData.num_clients``).
+
+    What 0 (auto) resolved to is written back so that the run folder's config, a resume, Flower nodes and the
+    metrics all see the number; loading with ``n`` gives the same clients, rows and order as loading with 0. A
+    config that already names ``n`` comes back as it is; one that names another number is a bug (ValueError).
+    """
+    d = cfg.data
+    if d.num_clients == n:
+        return cfg
+    if n < 1 or d.num_clients != 0:
+        raise ValueError(f"data.num_clients = {d.num_clients} cannot become {n}: only 0 (auto) resolves, to >= 1")
+    if cfg.fl.clients_per_round > n:
+        raise ConfigError(f"config field 'fl.clients_per_round' = {cfg.fl.clients_per_round} but the data has only "
+                          f"{n} clients; lower it")
+    return dataclasses.replace(cfg, data=dataclasses.replace(d, num_clients=n))
 
 
 def stage_config(cfg: CellmConfig, stage: int) -> CellmConfig:

@@ -14,7 +14,7 @@ import tomli_w
 
 from cellm.core.codec.spec import POSITION_CHOICES, VALUE_CHOICES
 from cellm.core.robust import RULES
-from cellm.data import DATASETS
+from cellm.data import DATASETS, DEFAULT_CLIENTS
 from cellm.data.files import HOLDOUTS, PARTITIONS
 from cellm.models.registry import MODELS
 
@@ -86,8 +86,10 @@ class DataConfig:
     holdout: str = _f("fraction", "Without data.test_path: fraction = a stratified data.test_fraction of each "
                                   "client's rows is held out; clients = that share of whole clients.", HOLDOUTS)
     shards_per_client: int = _f(2, "data.partition = shard: label-sorted shards per client.", ge=1)
-    num_clients: int = _f(50, "Number of federated clients (natural partitions: how many of the file's clients, a "
-                              "seeded choice).", ge=1)
+    num_clients: int = _f(0, "Number of federated clients (natural partitions: how many of the file's clients, a "
+                             "seeded choice). 0 = auto: every usable client of a natural partition of files "
+                             f"(data.name = files), else {DEFAULT_CLIENTS}; a run records the number it used.",
+                          ge=0)
     seq_len: int = _f(64, "Tokens per example (truncate / pad / chunk).", ge=8)
     min_client_size: int = _f(8, "Fewest examples (sequences) a client may hold.", ge=1)
     dirichlet_alpha: float = _f(0.5, "Label skew of the Dirichlet split (bbc): smaller is more non-IID.", gt=0)

@@ -10,7 +10,7 @@ import math
 from dataclasses import fields
 from typing import Any
 
-from cellm.config.derived import file_spec, task_of
+from cellm.config.derived import file_spec, known_clients, task_of
 from cellm.config.schema import CellmConfig, DataConfig, bounds_text
 from cellm.errors import ConfigError
 from cellm.models.registry import MODELS
@@ -57,6 +57,22 @@ def _validate_files(d: DataConfig) -> None:
                "classes of a label column")
 
 
+def _validate_clients(cfg: CellmConfig) -> None:
+    """fl.clients_per_round against the clients the data loads, where the config tells the number (with 0 and a
+    natural partition of files, the run checks it once the data is loaded)."""
+    f, d = cfg.fl, cfg.data
+    n = known_clients(cfg)
+    if n is None:
+        return
+    if d.num_clients:
+        _check(f.clients_per_round <= n, "fl.clients_per_round",
+               f"({f.clients_per_round}) must not exceed data.num_clients ({n})")
+    else:
+        _check(f.clients_per_round <= n, "fl.clients_per_round",
+               f"({f.clients_per_round}) must not exceed the {n} clients that data.num_clients = 0 (auto) loads "
+               f"here; set data.num_clients")
+
+
 def _validate_slora(cfg: CellmConfig) -> None:
     s = cfg.slora
     if not s.stage1_rounds:
@@ -88,8 +104,7 @@ def validate(cfg: CellmConfig) -> None:
         task = MODELS[m.name].task
         _check(task == want, "data.name",
                f"'{d.name}' is {want} data but model '{m.name}' is a {task} model; pick a matching pair")
-    _check(f.clients_per_round <= d.num_clients, "fl.clients_per_round",
-           f"({f.clients_per_round}) must not exceed data.num_clients ({d.num_clients})")
+    _validate_clients(cfg)
     _validate_slora(cfg)
     fa = cfg.faults
     _check(fa.norm_factor == 0 or fa.norm_factor >= 1, "faults.norm_factor",

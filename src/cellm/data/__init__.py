@@ -48,8 +48,23 @@ DATASETS: dict[str, DatasetSpec] = {  # the one registry of datasets, as MODELS 
     "files": DatasetSpec(None, None, None),  # the user's files: see cellm.data.files
 }
 
-__all__ = ["DATASETS", "DataConfigError", "DatasetSpec", "FederatedData", "FileSpec", "Split", "label_names",
-           "load_federated"]
+DEFAULT_CLIENTS = 50
+"""What ``data.num_clients = 0`` (auto) loads where the data does not name its clients: the packaged datasets (50
+was their default before 0 meant auto, so their splits stay as they were) and the iid, dirichlet and shard
+partitions of files."""
+
+__all__ = ["DATASETS", "DEFAULT_CLIENTS", "DataConfigError", "DatasetSpec", "FederatedData", "FileSpec", "Split",
+           "clients_to_load", "label_names", "load_federated"]
+
+
+def clients_to_load(name: str, num_clients: int, files: FileSpec | None = None) -> int:
+    """The number of clients to load for ``data.num_clients``: itself when > 0; for 0 (auto), 0 = every usable
+    client with a natural partition of files (``files``), else :data:`DEFAULT_CLIENTS`."""
+    if num_clients:
+        return num_clients
+    if name == "files" and files is not None and files.partition_kind == "natural":
+        return 0
+    return DEFAULT_CLIENTS
 
 
 def load_federated(
@@ -77,9 +92,13 @@ def load_federated(
     ``cache_dir`` None disables the on-disk cache. The settings' ranges are the config's
     (:func:`cellm.config.validate`); they are not checked again here. ``name = "files"`` reads ``files`` (a
     classifier's ``labels`` from :func:`label_names`); its cache key holds the files' content digests.
+    ``num_clients = 0`` is auto (:func:`clients_to_load`); the result's ``num_clients`` is the number loaded, and
+    loading with that number gives the same data.
     """
     if name not in DATASETS:
         raise ConfigError(f"config field 'data.name' must be one of {', '.join(DATASETS)}; got {name!r}")
+    auto = num_clients == 0
+    num_clients = clients_to_load(name, num_clients, files)  # the key of an auto default is its number's
     cap = max_test_examples or None
     bbc = name == "bbc"
     fields = {  # everything that changes the result; bbc-only settings are None elsewhere (no needless misses)
@@ -103,6 +122,14 @@ def load_federated(
                       test_path=file_digest(files.test_path, "data.test_path") if files.test_path else None)
 
     def build() -> FederatedData:
+        try:
+            return split()
+        except DataConfigError as exc:
+            if auto and num_clients:  # the message names the number; say where it came from
+                raise DataConfigError(f"{exc} (data.num_clients = 0 is auto: {num_clients} here)") from None
+            raise
+
+    def split() -> FederatedData:
         if name == "files":
             data = load_files(files, tokenizer, labels=labels, num_clients=num_clients, seq_len=seq_len,
                               min_client_size=min_client_size, dirichlet_alpha=dirichlet_alpha,

@@ -342,11 +342,16 @@ def load_files(
     whole clients out of training, and ``holdout = "fraction"`` a stratified ``test_fraction`` of each client's
     rows (stratified by label for classification). Clients with fewer than ``min_client_size`` examples after
     tokenizing are dropped with one log line; then ``num_clients`` are kept (seeded choice) or it is an error.
+    ``num_clients = 0`` keeps every usable client of a natural partition (the same clients, rows and order as
+    ``num_clients`` = that count); the other partitions need a number (:func:`cellm.data.clients_to_load`).
     """
+    kind = spec.partition_kind
+    if num_clients < 0 or (num_clients == 0 and kind != "natural"):
+        raise ValueError(f"num_clients = {num_clients}: a {kind} partition needs a number of clients >= 1 "
+                         "(0, every usable client, applies to natural partitions)")
     ds = read_table(spec.path, "data.path")
     require_columns(ds, spec, spec.path)
     rng = np.random.default_rng([seed, 7])
-    kind = spec.partition_kind
     by_clients = spec.holdout == "clients" and not spec.test_path
     total = num_clients
     if by_clients and kind != "natural":
@@ -388,12 +393,13 @@ def load_files(
     if not clients and spec.format in ("instruction", "chat"):
         raise DataConfigError(f"config field 'data.seq_len' = {seq_len}: no example of {spec.path} keeps a response "
                               "token (every prompt fills the sequence); raise data.seq_len")
-    if len(clients) < num_clients:
-        raise DataConfigError(f"config field 'data.num_clients' = {num_clients} but {spec.path} gives only "
+    if len(clients) < max(num_clients, 1):
+        asked = f"{num_clients}" if num_clients else "0 (every usable client)"
+        raise DataConfigError(f"config field 'data.num_clients' = {asked} but {spec.path} gives only "
                               f"{len(clients)} usable clients ({kind} partition, {len(test_rows) if by_clients else 0} "
                               f"held out, {dropped} below data.min_client_size={min_client_size}); lower "
-                              "data.num_clients or data.min_client_size")
-    if len(clients) > num_clients:  # natural partitions: a seeded choice of the file's clients
+                              f"{'data.num_clients or ' if num_clients else ''}data.min_client_size")
+    if 0 < num_clients < len(clients):  # natural partitions: a seeded choice of the file's clients
         pick = sorted(rng.choice(len(clients), size=num_clients, replace=False).tolist())
         clients, client_names = [clients[i] for i in pick], [client_names[i] for i in pick]
 
