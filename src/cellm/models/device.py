@@ -28,10 +28,16 @@ def resolve_device(name: str) -> torch.device:
 
 
 def check_precision(precision: str, device: torch.device) -> None:
-    """fp16 autocast needs a GPU; bf16 autocast runs on either (slowly on most CPUs); fp32 is no autocast."""
+    """fp16 autocast needs a GPU; bf16 autocast runs on either (slowly on most CPUs); fp32 is no autocast.
+
+    A GPU that torch says cannot do bf16 is refused here, before any work, rather than by autocast mid-round.
+    """
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("config field 'run.precision' = 'fp16' needs a GPU (run.device = cuda or auto with a "
                           "GPU); use fp32 or bf16 on CPU")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("config field 'run.precision' = 'bf16' but this GPU does not support bfloat16 "
+                          "(torch.cuda.is_bf16_supported() is False); use fp16 or fp32")
 
 
 @contextlib.contextmanager
