@@ -49,7 +49,8 @@ def test_minilm_with_30_percent_dropout_still_improves_on_round_zero(cache_dir):
 
 
 def test_smollm2_loads_and_one_lora_step_lowers_the_loss_on_a_batch(tmp_path):
-    from cellm.models import FlatView, load_model
+    from cellm.models.flat import FlatView
+    from cellm.models.registry import load_model
 
     lm = load_model("smollm2-135m", lora_rank=8, lora_alpha=16, lora_dropout=0.0, cache_dir=str(tmp_path))
     # The GGUF was de-quantized once and kept: the next load reads the same bits from the cache, without the GGUF

@@ -167,7 +167,7 @@ def test_with_clients_writes_back_what_0_resolved_to_and_nothing_else():
 
 
 def test_every_name_other_modules_import_from_the_config_package_is_there():
-    names = {"CellmConfig", "describe_fields", "file_spec", "load_config", "model_label", "presets", "stage_config",
+    names = {"CellmConfig", "describe_fields", "file_spec", "load_config", "model_label", "presets",
              "task_of", "validate", "merge", "preset_dict", "read_toml", "with_clients", "PRESET_DIR",
              "VALUE_CODECS"}
     assert names <= set(cellm.config.__all__) and all(hasattr(cellm.config, n) for n in cellm.config.__all__)

@@ -2,6 +2,7 @@
 input of that path: exit code 2, one line naming the field or file, no run folder."""
 
 import json
+import tomllib
 
 import pytest
 import torch
@@ -196,3 +197,20 @@ def test_files_with_a_natural_partition_use_every_usable_client_by_default_and_t
     assert again.client_names == auto.client_names
     for x, y in zip([*again.clients, again.test], [*auto.clients, auto.test], strict=True):
         assert torch.equal(x.input_ids, y.input_ids) and torch.equal(x.labels, y.labels)
+
+
+def test_a_run_on_every_usable_client_records_the_number_says_it_and_resumes(tmp_path, cache_dir, own_models,
+                                                                            capsys):
+    path = write_rows(tmp_path / "users.jsonl", own_rows(n=144, users=12))
+    out = tmp_path / "run"
+    args = [*BASE, *_sets(model__path=own_models["llama"], data__cache_dir=cache_dir, data__path=path,
+                          data__text_column="text", data__client_column="user", data__partition="natural",
+                          data__num_clients=0, rounds=2, run__checkpoint_every=1)]
+    assert main(["run", *args, "--out", str(out)]) == 0
+    assert "of 12 clients" in capsys.readouterr().out
+    recorded = tomllib.loads((out / "config.toml").read_text())["data"]["num_clients"]
+    assert recorded == 12 and json.loads((out / "summary.json").read_text())["clients"] == 12
+    # a resume reads the number back; nothing is left to run, and it finishes to the same metrics
+    metrics = (out / "metrics.jsonl").read_text()
+    assert main(["run", "--resume", str(out), "--no-progress"]) == 0
+    assert (out / "metrics.jsonl").read_text() == metrics

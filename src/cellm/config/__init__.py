@@ -7,7 +7,7 @@ layers read off a config). Unknown keys, wrong types and out-of-range values rai
 field and the fix. This module is the public surface: import from it.
 """
 
-from cellm.config.derived import file_spec, known_clients, model_label, stage_config, task_of, with_clients
+from cellm.config.derived import file_spec, known_clients, model_label, task_of, with_clients
 from cellm.config.load import PRESET_DIR, load_config, merge, preset_dict, presets, read_toml
 from cellm.config.schema import (
     VALUE_CODECS,
@@ -33,5 +33,5 @@ __all__ = [
     "PRESET_DIR", "VALUE_CODECS", "CellmConfig", "ClientConfig", "CommConfig", "DPConfig", "DataConfig",
     "EvalConfig", "FLConfig", "FaultsConfig", "HeteroConfig", "ModelConfig", "RobustConfig", "RunConfig",
     "SLoRAConfig", "ServerConfig", "describe_fields", "file_spec", "known_clients", "load_config", "merge",
-    "model_label", "preset_dict", "presets", "read_toml", "stage_config", "task_of", "validate", "with_clients",
+    "model_label", "preset_dict", "presets", "read_toml", "task_of", "validate", "with_clients",
 ]

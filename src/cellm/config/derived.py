@@ -1,5 +1,5 @@
 """What the other layers read off a config: the files' spec, the task, the model's label, the clients to load,
-a SLoRA stage's config, and the config with the number of clients its data loaded as."""
+and the config with the number of clients its data loaded as."""
 
 from __future__ import annotations
 
@@ -55,14 +55,3 @@ def with_clients(cfg: CellmConfig, n: int) -> CellmConfig:
         raise ConfigError(f"config field 'fl.clients_per_round' = {cfg.fl.clients_per_round} but the data has only "
                           f"{n} clients; lower it")
     return dataclasses.replace(cfg, data=dataclasses.replace(d, num_clients=n))
-
-
-def stage_config(cfg: CellmConfig, stage: int) -> CellmConfig:
-    """The config a round of ``stage`` runs under: SLoRA's stage 1 sends its whole subset (d = 1) at
-    slora.codec both ways; stage 2 (and a one-stage run, stage 0) uses comm as configured."""
-    if stage != 1:
-        return cfg
-    comm = dataclasses.replace(cfg.comm, down_density=1.0, up_density=1.0, down_decay=1.0, up_decay=1.0,
-                               codec_down=cfg.slora.codec, codec_up=cfg.slora.codec, error_feedback_up=False,
-                               client_freeze=False)
-    return dataclasses.replace(cfg, comm=comm)

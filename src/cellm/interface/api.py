@@ -32,7 +32,7 @@ def run(config: CellmConfig | dict | str | Path | None = None, out: str | Path |
     caller's own thread count is restored afterwards.
 
     Args:
-        config: The run's config: a :class:`~cellm.config.CellmConfig`, a dict shaped like the TOML file (merged
+        config: The run's config: a `CellmConfig`, a dict shaped like the TOML file (merged
             over the defaults), the path of a TOML file, or None for the ``demo`` preset.
         out: The run folder to write (config.toml, metrics.jsonl, checkpoints, the adapter, summary and plot). It
             must not exist or be empty. None: ``runs/<model>-<data>-<time>`` when ``save``, else no folder.
@@ -40,7 +40,7 @@ def run(config: CellmConfig | dict | str | Path | None = None, out: str | Path |
         save: Write a run folder when ``out`` is None (False: keep everything in memory).
 
     Returns:
-        The run's :class:`RunResult`: its metrics rows, the final adapter's PEFT state dict, the bytes sent.
+        The run's `RunResult`: its metrics rows, the final adapter's PEFT state dict, the bytes sent.
 
     Raises:
         ConfigError: A config field, a file or the run folder is unusable (the message names it).
@@ -62,7 +62,7 @@ def resume(out: str | Path, *, progress: bool = False) -> RunResult:
         progress: Show a progress bar over the remaining rounds.
 
     Returns:
-        The completed run's :class:`RunResult`, as if it had never stopped.
+        The completed run's `RunResult`, as if it had never stopped.
 
     Raises:
         ConfigError: No checkpoint, a checkpoint that does not match the folder's config, or one that is not a

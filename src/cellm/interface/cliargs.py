@@ -16,9 +16,10 @@ def add_config_args(p: argparse.ArgumentParser, what: str = "") -> None:
 
 
 def print_summary(result, runtime: str = "") -> None:
-
+    """The lines a finished run prints: its folder, its metric's change, its bytes."""
     s = summary(result)
     print(f"run folder: {result.out_dir}")
-    print(f"{s['metric']}: {s['initial']:.4f} at round 0 -> {s['final']:.4f} after {s['rounds']} rounds{runtime}")
+    print(f"{s['metric']}: {s['initial']:.4f} at round 0 -> {s['final']:.4f} after {s['rounds']} rounds "
+          f"of {s['clients']} clients{runtime}")
     print(f"bytes on the wire: {s['total_bytes']:,} (down {s['down_bytes']:,}, up {s['up_bytes']:,}); "
           f"nonzeros sent: down {s['down_nonzeros']:,}, up {s['up_nonzeros']:,}; wall {s['wall_s']:.0f} s")

@@ -145,6 +145,7 @@ def summary(result: RunResult) -> dict[str, Any]:
         "initial": result.initial_eval[m],
         "final": result.final_eval[m],
         "rounds": result.config.rounds,
+        "clients": result.config.data.num_clients,
         "down_bytes": result.totals["down_bytes"],
         "up_bytes": result.totals["up_bytes"],
         "total_bytes": result.totals["down_bytes"] + result.totals["up_bytes"],

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from cellm.config import CellmConfig
+from cellm.config import CellmConfig, known_clients, with_clients
 from cellm.errors import ConfigError
 from cellm.federated.client import ClientState
 from cellm.federated.server import ServerState
@@ -55,6 +55,14 @@ class SessionRunner(ClientRunner, Protocol):
         """The run completed and its folder is final."""
 
 
+def _resolved_like(cfg: CellmConfig, saved: CellmConfig) -> CellmConfig:
+    """``cfg`` with its auto client count (0) read as the number the saved run resolved it to."""
+    try:
+        return with_clients(cfg, saved.data.num_clients)
+    except (ValueError, ConfigError):
+        return cfg
+
+
 MakeRunner = Callable[[CellmConfig, str, int], SessionRunner]  # (config, run id, round resumed from) -> runner
 
 
@@ -84,7 +92,7 @@ class Session:
         that holds client state (it would be dropped)."""
         out = Path(out_dir)
         saved, checkpoint = ckpt.read(out)
-        if cfg is not None and pin_threads(cfg) != saved:
+        if cfg is not None and _resolved_like(pin_threads(cfg), saved) != saved:
             raise ConfigError(f"cannot resume: the config given differs from {out / 'config.toml'}")
         if runtime != "embedded" and checkpoint.get("clients"):
             raise ConfigError(f"cannot resume {out} on {runtime}: its checkpoint holds client state from an "
@@ -96,12 +104,27 @@ class Session:
         return 0 if self.checkpoint is None else int(self.checkpoint["server"]["round"])
 
     def run(self, make_runner: MakeRunner, load: Callable[[CellmConfig], Setup] = load_setup) -> RunResult:
-        """Run the rounds with the runner ``make_runner`` builds; return the result (the folder is final)."""
+        """Run the rounds with the runner ``make_runner`` builds; return the result (the folder is final).
+
+        ``data.num_clients = 0`` (auto) is resolved first, from the config where it tells (packaged data), else
+        from the loaded data (every usable client of a natural partition of the user's files): the runner, the
+        folder's config.toml, checkpoints and nodes all see the number, and the run logs it."""
         cfg = self.cfg
+        known = known_clients(cfg)
+        if known is not None:
+            cfg = with_clients(cfg, known)
         with using_threads(cfg.run.threads):
             run_id = ckpt.run_id_of(self.checkpoint)
+            setup = None
+            if known is None:  # only the data tells how many clients there are: load it before anyone is told
+                setup = load(cfg)
+                cfg = with_clients(cfg, setup.data.num_clients)
+            if cfg is not self.cfg:
+                self.logger.info("data: %d clients (data.num_clients = 0 is every usable client)",
+                                 cfg.data.num_clients)
+                self.cfg = cfg
             runner = make_runner(cfg, run_id, self.resumed_round)
-            if runner.connects:  # load the model while the nodes answer (each answer starts a process there)
+            if setup is None and runner.connects:  # load the model while the nodes answer (each starts a process)
                 with ThreadPoolExecutor(max_workers=1) as pool:
                     loading = pool.submit(load, cfg)
                     try:
@@ -109,7 +132,7 @@ class Session:
                     finally:
                         setup = loading.result()
             else:
-                setup = load(cfg)  # AssetError / ConfigError surface here, before any file is written
+                setup = setup or load(cfg)  # AssetError / ConfigError surface here, before any file is written
                 runner.connect()
             state, clients = None, {}
             if self.checkpoint is not None:

@@ -2,7 +2,7 @@
 
 Install with ``pip install 'cellm[flower]'``. Entry points: ``cellm flower sim`` (Flower's simulation runtime),
 ``cellm flower run`` (a SuperLink with SuperNodes), the Flower app folder ``cellm flower app-dir`` (for
-``flwr run``). See the README, "Running across machines". Importing this package needs ``flwr``; ``cellm`` itself does not.
+``flwr run``). See docs/flower.md. Importing this package needs ``flwr``; ``cellm`` itself does not.
 """
 
 from __future__ import annotations

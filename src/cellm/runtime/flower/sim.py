@@ -11,10 +11,11 @@ import dataclasses
 import os
 from pathlib import Path
 
-from cellm.config import CellmConfig
+from cellm.config import CellmConfig, known_clients, with_clients
 from cellm.runtime import checkpoint as ckpt
 from cellm.runtime.flower import node_paths
 from cellm.runtime.flower.server_app import DriverOptions, make_server_app
+from cellm.runtime.setup import load_setup
 from cellm.runtime.threads import pin_threads
 
 
@@ -39,6 +40,10 @@ def run_flower_simulation(cfg: CellmConfig | None, out: str | Path | None = None
     if torch_threads and cfg.run.threads == 0:
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, threads=torch_threads))
     cfg = pin_threads(cfg)
+    known = known_clients(cfg)
+    if known is None:  # every usable client of a natural partition: only the data tells how many (one load more)
+        known = load_setup(cfg).data.num_clients
+    cfg = with_clients(cfg, known)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
