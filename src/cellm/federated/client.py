@@ -101,21 +101,25 @@ def local_train(
                  for p, a, b in zip(flat.params, flat.offsets[:-1], flat.offsets[1:], strict=True)]
     losses = []
     model.train()
-    with torch.random.fork_rng():
+    # fp16 on a GPU needs loss scaling, or small gradients flush to zero; elsewhere the scaler passes through
+    scaler = torch.amp.GradScaler(device.type, enabled=spec.precision == "fp16" and device.type == "cuda")
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(derive(seed, round_, client, DROPOUT))
         for idx in _batches(len(data), spec, gen):
             with autocast(device, spec.precision):
                 out = model(input_ids=data.input_ids[idx].to(device), attention_mask=data.attention_mask[idx].to(device),
                             labels=data.labels[idx].to(device))
             opt.zero_grad(set_to_none=True)
-            out.loss.backward()
+            scaler.scale(out.loss).backward()
             if masks is not None:
                 for p, m in zip(flat.params, masks, strict=True):
                     if p.grad is not None:
                         p.grad.mul_(m)
             if spec.max_grad_norm > 0:
+                scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(flat.params, spec.max_grad_norm)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             losses.append(float(out.loss.detach()))
     model.eval()
     return flat.get(), sum(losses) / len(losses)
