@@ -350,6 +350,8 @@ MODES = {
     "init-relative+int4+int2": ["comm.init_relative=true", 'comm.codec_down="int4"', 'comm.codec_up="int2"',
                                 "comm.error_feedback_up=true", 'comm.download_mode="delta"'],
     "slora-switch+ef+int4": ["slora.stage1_rounds=1", "comm.error_feedback_up=true", 'comm.codec_up="int4"'],
+    "shared-support+ir+int4": ['comm.up_support="download+random"', "comm.init_relative=true",
+                               'comm.codec_up="int4"', "comm.error_feedback_up=true", "comm.down_density=0.25"],
 }
 
 

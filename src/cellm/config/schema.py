@@ -14,6 +14,7 @@ import tomli_w
 
 from cellm.core.codec.spec import POSITION_CHOICES, VALUE_CHOICES
 from cellm.core.robust import RULES
+from cellm.core.support import UP_SUPPORTS
 from cellm.data import DATASETS, DEFAULT_CLIENTS
 from cellm.data.files import HOLDOUTS, PARTITIONS
 from cellm.models.registry import MODELS
@@ -134,7 +135,17 @@ class ServerConfig:
 class CommConfig:
     down_density: float = _f(1.0, "Share of adapter entries sent server -> client (top-k of |w|, or of |w - w0| "
                                   "with init_relative).", gt=0, le=1)
-    up_density: float = _f(1.0, "Share of delta entries sent client -> server (top-k of |delta|).", gt=0, le=1)
+    up_density: float = _f(1.0, "Share of delta entries sent client -> server (top-k of |delta|, or the size of a "
+                                "shared support's random part: comm.up_support).", gt=0, le=1)
+    up_support: str = _f("topk", "Where uploads lie. topk: each client's own top-k of its delta, positions sent "
+                                 "(FLASC). Shared supports, known to every client of the round before it trains and "
+                                 "sent as values only (no position bytes; what secure aggregation needs): random (a "
+                                 "seeded set of up_density, new each round); download (the round's download "
+                                 "positions M, so d_up follows d_down); download+random (M topped up with a seeded "
+                                 "set to up_density: exploration). Error feedback keeps what falls outside.",
+                          UP_SUPPORTS)
+    up_support_head: bool = _f(False, "Add every entry of the classifier head to a shared upload support (comm."
+                                      "up_support); random parts fill the rest of up_density.")
     down_decay: float = _f(1.0, "Download density multiplier every decay_every rounds.", gt=0, le=1)
     up_decay: float = _f(1.0, "Upload density multiplier every decay_every rounds.", gt=0, le=1)
     decay_every: int = _f(1, "Rounds between density decays.", ge=1)

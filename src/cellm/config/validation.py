@@ -87,6 +87,20 @@ def _validate_slora(cfg: CellmConfig) -> None:
     _check(not cfg.model.freeze_a, "model.freeze_a", f"must be false {why}")
 
 
+def _validate_up_support(cfg: CellmConfig) -> None:
+    """comm.up_support: the combinations where a shared upload support means something."""
+    k = cfg.comm
+    if k.up_support_head:
+        _check(k.up_support != "topk", "comm.up_support_head", "adds the head to a shared upload support; with "
+               "comm.up_support = 'topk' each client picks its own entries: set comm.up_support or leave it false")
+        _check(not cfg.slora.stage1_rounds, "comm.up_support_head", "must be false with slora.stage1_rounds > 0 "
+               "(the adapter's layout, and so the head's positions, change at the switch)")
+    if k.client_freeze:
+        _check(k.up_support in ("topk", "download"), "comm.up_support",
+               f"must be 'topk' or 'download' with comm.client_freeze (clients train on the download's mask only, "
+               f"so a support outside it carries nothing new); got {k.up_support!r}")
+
+
 def validate(cfg: CellmConfig) -> None:
     """Declared choices and bounds, then the rules that tie fields together. Raises ConfigError naming the field."""
     _check_declared(cfg, "")
@@ -106,6 +120,7 @@ def validate(cfg: CellmConfig) -> None:
                f"'{d.name}' is {want} data but model '{m.name}' is a {task} model; pick a matching pair")
     _validate_clients(cfg)
     _validate_slora(cfg)
+    _validate_up_support(cfg)
     fa = cfg.faults
     _check(fa.norm_factor == 0 or fa.norm_factor >= 1, "faults.norm_factor",
            f"must be 0 (off) or >= 1; got {fa.norm_factor}")

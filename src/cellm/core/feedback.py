@@ -38,3 +38,24 @@ def compress(
     if residual is not None:
         new_residual = target - received.to_dense()
     return payload, received, new_residual
+
+
+def compress_on(
+    x: torch.Tensor, support: torch.Tensor, spec: CodecSpec, residual: torch.Tensor | None = None,
+) -> tuple[bytes, SparseVector, torch.Tensor | None]:
+    """The values of ``x + residual`` on a shared ``support`` (sorted int64 positions), encoded values only.
+
+    The message is the dense vector of the |S| values in the support's order (the codec's zero-byte dense
+    positions): the receiver knows S and scatters them back. Zeros inside S are sent, so every client's message of
+    the round has the same length and order. Returns (payload, what the receiver decodes scattered over the N
+    entries, new residual): error feedback keeps what falls outside S and the quantization error inside it.
+    """
+    target = x if residual is None else x + residual
+    values = target.detach().reshape(-1).to(torch.float32)[support]
+    payload, got = roundtrip(SparseVector(values.numel(), torch.arange(values.numel(), dtype=torch.int64), values),
+                             spec)
+    received = SparseVector(target.numel(), support, got.values)
+    new_residual = None
+    if residual is not None:
+        new_residual = target - received.to_dense()
+    return payload, received, new_residual

@@ -9,11 +9,12 @@ from dataclasses import dataclass
 import torch
 
 from cellm.core.codec import CodecError, decode
-from cellm.core.feedback import compress
+from cellm.core.feedback import compress, compress_on
 from cellm.core.optim import make_optimizer
+from cellm.core.support import head_mask
 from cellm.data.types import Split
 from cellm.errors import CellmError
-from cellm.federated.messages import ClientReply, ClientTask, TrainSpec, vector_digest
+from cellm.federated.messages import ClientReply, ClientTask, TrainSpec, task_support, vector_digest
 from cellm.federated.seeds import BATCHES, DROPOUT, derive
 from cellm.models.device import autocast, model_device
 from cellm.models.flat import FlatView, rank_support
@@ -169,8 +170,19 @@ def client_update(
     if task.error_feedback and residual is None:
         residual = torch.zeros(flat.numel)
     t0 = time.perf_counter()
-    payload, sent, new_residual = compress(delta, task.up_density, task.codec_up, residual,
-                                           support=grad_mask)
+    shared = None
+    if task.up_support != "topk":  # a support fixed before training: values only, in the support's order
+        download = None
+        if task.download_masked:
+            download = torch.zeros(flat.numel, dtype=torch.bool)
+            download[msg.indices] = True
+        head = head_mask(flat.segments(), flat.numel) if task.up_support_head else None
+        shared = task_support(task, flat.numel, seed, download=download, head=head, allowed=grad_mask)
+    if shared is None:
+        payload, sent, new_residual = compress(delta, task.up_density, task.codec_up, residual,
+                                               support=grad_mask)
+    else:
+        payload, sent, new_residual = compress_on(delta, shared, task.codec_up, residual)
     codec_s += time.perf_counter() - t0
     new_state = ClientState(
         residual=state.residual, copy=state.copy, pending_round=task.round,

@@ -14,6 +14,8 @@ import torch
 
 from cellm.config import CellmConfig
 from cellm.core.codec import CodecSpec
+from cellm.core.support import is_shared, shared_support, support_indices
+from cellm.federated.seeds import support_seed
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,8 @@ class ClientTask:
     init_digest: str = ""  # init-relative download: digest of the seeded init w0 the client must regenerate
     stage: int = 0  # SLoRA: 1 = train the seeded subset of the target weights, 2 = LoRA; 0 = a one-stage run
     acked_round: int = 0  # the last round whose upload from this client the server accepted (0: none)
+    up_support: str = "topk"  # comm.up_support: "topk" (own top-k, positions sent) or a shared rule (values only)
+    up_support_head: bool = False  # the classifier head's entries are part of the shared support
 
 
 @dataclass
@@ -70,10 +74,32 @@ class ClientReply:
     extra: dict = field(default_factory=dict)
 
 
+def task_support(task: ClientTask, n: int, seed: int, *, download: torch.Tensor | None = None,
+                 head: torch.Tensor | None = None, allowed: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The sorted positions of ``task``'s shared upload support, or None when the client picks its own (top-k).
+
+    Server and client call this with the same task and inputs, so they agree on S without a byte sent: ``seed``
+    is the run seed, ``download`` the positions of the task's download (boolean; used when the download is masked,
+    the whole vector otherwise), ``head`` the head's entries (used with ``up_support_head``), ``allowed`` where
+    the client may change anything at all (rank tier, client_freeze's mask), which S is cut to.
+    """
+    if not is_shared(task.up_support):
+        return None
+    if task.up_support_head and head is None:
+        raise ValueError("this task's upload support includes the classifier head (up_support_head), but no head "
+                         "positions were given: pass the adapter's layout")
+    mask = shared_support(task.up_support, n, task.up_density, seed=support_seed(seed, task.round),
+                          download=download if task.download_masked else None,
+                          head=head if task.up_support_head else None)
+    if allowed is not None:
+        mask = mask & allowed
+    return support_indices(mask)
+
+
 def vector_digest(x: torch.Tensor) -> str:
     """A short, exact fingerprint of a float32 vector (its little-endian bytes), to compare w0 across machines."""
     data = x.detach().to(torch.float32).contiguous().numpy().astype("<f4", copy=False).tobytes()
     return hashlib.sha256(data).hexdigest()[:32]
 
 
-__all__ = ["ClientReply", "ClientTask", "TrainSpec", "train_spec", "vector_digest"]
+__all__ = ["ClientReply", "ClientTask", "TrainSpec", "task_support", "train_spec", "vector_digest"]

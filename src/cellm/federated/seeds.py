@@ -5,12 +5,19 @@ from __future__ import annotations
 import numpy as np
 
 SAMPLING, BATCHES, DROPOUT, DP_NOISE = 1, 2, 3, 4
+UP_SUPPORT = 20  # the seeded random part of a shared upload support (comm.up_support)
 
 
 def derive(seed: int, round_: int, client: int, stream: int) -> int:
     """A 63-bit seed unique to (seed, round, client, stream)."""
     ss = np.random.SeedSequence([seed, round_, client + 1, stream])
     return int(ss.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def support_seed(seed: int, round_: int) -> int:
+    """The seed of ``round_``'s random upload support: one for the whole round (client -1), so every client and
+    the server derive the same set."""
+    return derive(seed, round_, -1, UP_SUPPORT)
 
 
 def sample_clients(seed: int, round_: int, num_clients: int, per_round: int,

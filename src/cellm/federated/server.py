@@ -22,8 +22,9 @@ from cellm.core.ledger import Ledger
 from cellm.core.schedule import density_at
 from cellm.core.server_opt import ServerOptSpec, server_step
 from cellm.core.sparse import SparseVector
+from cellm.core.support import USES_DOWNLOAD
 from cellm.core.topk import num_kept, topk_mask
-from cellm.federated.messages import ClientReply, ClientTask, vector_digest
+from cellm.federated.messages import ClientReply, ClientTask, task_support, vector_digest
 from cellm.federated.seeds import DP_NOISE, derive, sample_clients
 
 
@@ -174,11 +175,12 @@ def weights_download(state: ServerState, cfg: CellmConfig, round_: int, d_down: 
     """(payload, nonzeros sent, mask M or None when dense) of a weights-mode download: M * (w - ref) at the mask's positions.
 
     Without client_freeze, entries equal to ref carry nothing and are left out (round 1 of an init-relative
-    run sends no value at all). With client_freeze the client needs M itself, so every position of M is sent.
+    run sends no value at all). With client_freeze, or an upload support built on the download's positions
+    (comm.up_support), the client needs M itself, so every position of M is sent.
     """
     mask = download_mask(state, cfg, round_, d_down, support)
     diff = start_from(state, cfg, mask, support) - reference(state, cfg, support)
-    if cfg.comm.client_freeze and mask is not None:
+    if (cfg.comm.client_freeze or cfg.comm.up_support in USES_DOWNLOAD) and mask is not None:
         payload, received = roundtrip(SparseVector.from_mask(diff, mask), spec)
     else:
         payload, received, _ = compress(diff, 1.0, spec)
@@ -194,15 +196,22 @@ class RoundPlan:
     tasks: dict[int, ClientTask]
     copies: dict[int, torch.Tensor] = field(default_factory=dict)  # delta mode: each copy once accepted
     supports: dict[int, torch.Tensor] = field(default_factory=dict)  # where each client's upload may lie
+    up_supports: dict[int, torch.Tensor] = field(default_factory=dict)  # shared-support rules: each client's S
 
 
 def plan_round(state: ServerState, cfg: CellmConfig, supports: dict[int, torch.Tensor] | None = None,
-               available: list[int] | None = None) -> RoundPlan:
+               available: list[int] | None = None, head: torch.Tensor | None = None) -> RoundPlan:
     """Sample clients and build each one's encoded download; the ledger counts every download sent.
 
     ``supports`` maps a rank tier to its boolean support over the flat vector (hetero.mode = "rank").
     ``available``: the clients the runtime can reach this round (None: all), the only ones sampled.
+    ``head``: the classifier head's entries (boolean, :func:`cellm.core.support.head_mask` of the adapter's
+    layout), needed with comm.up_support_head. With a shared upload support (comm.up_support) the plan holds each
+    client's support S, computed as the client will from the task (:func:`cellm.federated.messages.task_support`).
     """
+    if cfg.comm.up_support_head and head is None:
+        raise ValueError("comm.up_support_head needs the classifier head's positions: pass plan_round(head=...) "
+                         "from the adapter's layout (cellm.core.support.head_mask)")
     t = state.round + 1
     d_down, d_up = densities(cfg, t)
     clients = sample_clients(cfg.seed, t, cfg.data.num_clients, cfg.fl.clients_per_round, available)
@@ -211,6 +220,8 @@ def plan_round(state: ServerState, cfg: CellmConfig, supports: dict[int, torch.T
     copies: dict[int, torch.Tensor] = {}
     allowed_of: dict[int, torch.Tensor] = {}
     shared: dict[int | None, tuple[bytes, int, torch.Tensor | None]] = {}  # weights mode: one payload per tier
+    up_supports: dict[int, torch.Tensor] = {}
+    tier_up: dict[int | None, torch.Tensor | None] = {}  # weights mode: a tier's clients share their support S
     digest = vector_digest(state.w0) if cfg.comm.init_relative else ""
     for c in clients:
         tier = tier_of(cfg, c)
@@ -223,15 +234,14 @@ def plan_round(state: ServerState, cfg: CellmConfig, supports: dict[int, torch.T
             payload, received, _ = compress(state.w - copy, cd_down, spec_down, support=state.frozen_mask)
             copies[c] = copy + received.to_dense()  # becomes the server's copy only if c's upload is accepted
             nnz, masked = received.k, received.k < received.n
-            mask = None
-            if masked and cfg.comm.client_freeze:
-                mask = torch.zeros(state.w.numel(), dtype=torch.bool)
-                mask[received.indices] = True
+            positions = torch.zeros(state.w.numel(), dtype=torch.bool)
+            positions[received.indices] = True
+            mask = positions if (masked and cfg.comm.client_freeze) else None
         else:
             if tier not in shared:
                 shared[tier] = weights_download(state, cfg, t, cd_down, spec_down, support)
             payload, nnz, mask = shared[tier]
-            masked = mask is not None
+            masked, positions = mask is not None, mask
         allowed = mask if (cfg.comm.client_freeze and mask is not None) else support
         if allowed is not None and support is not None:
             allowed = allowed & support
@@ -243,8 +253,28 @@ def plan_round(state: ServerState, cfg: CellmConfig, supports: dict[int, torch.T
                               error_feedback=cfg.comm.error_feedback_up,
                               support_rank=tier_rank(cfg, tier) if support is not None else 0,
                               download_masked=masked, init_digest=digest, stage=state.stage,
-                              acked_round=state.acked.get(c, 0))
-    return RoundPlan(t, clients, d_down, d_up, tasks, copies, allowed_of)
+                              acked_round=state.acked.get(c, 0), up_support=cfg.comm.up_support,
+                              up_support_head=cfg.comm.up_support_head)
+        if cfg.comm.up_support != "topk":
+            if cfg.comm.download_mode == "delta" or tier not in tier_up:
+                tier_up[tier] = task_support(tasks[c], state.w.numel(), cfg.seed, download=positions, head=head,
+                                             allowed=allowed)
+            up_supports[c] = tier_up[tier]
+    return RoundPlan(t, clients, d_down, d_up, tasks, copies, allowed_of, up_supports)
+
+
+def round_support(plan: RoundPlan) -> torch.Tensor | None:
+    """The round's upload support when every sampled client shares one (sorted positions), else None.
+
+    Secure aggregation needs it: masked vectors add up only over the same positions in the same order. None for
+    per-client top-k, and where supports differ per client (tiers, delta downloads with a download-based rule).
+    """
+    if not plan.up_supports or set(plan.up_supports) != set(plan.clients):
+        return None
+    first = plan.up_supports[plan.clients[0]]
+    if all(torch.equal(s, first) for s in plan.up_supports.values()):
+        return first
+    return None
 
 
 @dataclass
@@ -261,12 +291,21 @@ class RoundOutcome:
 
 
 def check_upload(payload: bytes, n: int, max_k: int | None = None,
-                 support: torch.Tensor | None = None) -> SparseVector:
+                 support: torch.Tensor | None = None, shared: torch.Tensor | None = None) -> SparseVector:
     """Strictly decode one client's upload; any defect raises CodecError before it can reach the model.
 
     ``support`` (boolean, N): where the client may have changed anything (its rank tier, its download's mask
-    under client_freeze); an entry outside it is refused, not silently dropped.
+    under client_freeze); an entry outside it is refused, not silently dropped. ``shared`` (sorted positions):
+    the round's shared support S for this client; the upload must then be the dense vector of exactly |S| values
+    (no positions), which is scattered into S.
     """
+    if shared is not None:
+        sv = decode(payload, max_n=int(shared.numel()), expected_n=int(shared.numel()))
+        if not sv.is_dense:
+            raise CodecError(f"a shared-support upload must carry all {sv.n} values of the support, got {sv.k}")
+        if not bool(torch.isfinite(sv.values).all()):
+            raise CodecError("upload has non-finite values")
+        return SparseVector(n, shared, sv.values)
     sv = decode(payload, max_n=n, expected_n=n)
     if not bool(torch.isfinite(sv.values).all()):
         raise CodecError("upload has non-finite values")
@@ -299,7 +338,8 @@ def finish_round(state: ServerState, cfg: CellmConfig, plan: RoundPlan, replies:
         try:
             if c not in plan.tasks:
                 raise CodecError(f"client {c} was not sampled this round")
-            sv = check_upload(reply.payload, n, num_kept(n, plan.tasks[c].up_density), plan.supports.get(c))
+            sv = check_upload(reply.payload, n, num_kept(n, plan.tasks[c].up_density), plan.supports.get(c),
+                              plan.up_supports.get(c))
         except CodecError as exc:
             state.ledger.record(t, "up", len(reply.payload), 0, tier=None if tier is None else str(tier))
             rejected[c] = str(exc)

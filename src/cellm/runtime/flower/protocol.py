@@ -48,6 +48,7 @@ from typing import Any
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from cellm.core.codec import HARD_MAX_N, CodecSpec
+from cellm.core.support import UP_SUPPORTS
 from cellm.federated.messages import ClientReply, ClientTask
 
 PAYLOAD_STYPE = "cellm.payload"  # Array.data is the raw cellm message (dtype uint8, shape (len,))
@@ -303,6 +304,10 @@ def _check_task(task: ClientTask) -> None:
         raise ProtocolError(f"{what} download_mode must be 'weights' or 'delta', got {_show(task.download_mode)}")
     _int(task.support_rank, f"{what} support_rank", 0, MAX_ROUND)
     _int(task.stage, f"{what} stage", 0, 2)
+    if task.up_support not in UP_SUPPORTS:
+        raise ProtocolError(f"{what} up_support must be one of {', '.join(UP_SUPPORTS)}, got {_show(task.up_support)}")
+    if task.up_support_head and task.up_support == "topk":
+        raise ProtocolError(f"{what} up_support_head needs a shared up_support, got 'topk'")
     if task.init_digest and not _HEX.match(task.init_digest):
         raise ProtocolError(f"{what} init_digest must be empty or 1-64 lowercase hex digits, got "
                             f"{_show(task.init_digest)}")
