@@ -9,7 +9,14 @@ from cellm.core.codec import CodecError, CodecSpec, decode, encode
 from cellm.core.codec.header import PositionScheme, unpack
 from cellm.core.feedback import compress, compress_on
 from cellm.core.sparse import SparseVector
-from cellm.core.support import fill_random, head_mask, random_order, shared_support, support_indices
+from cellm.core.support import (
+    fill_random,
+    head_mask,
+    one_for_all,
+    random_order,
+    shared_support,
+    support_indices,
+)
 from cellm.core.topk import num_kept
 from cellm.federated.server import check_upload
 
@@ -114,3 +121,11 @@ def test_the_server_scatters_a_values_only_upload_into_the_support_and_refuses_a
     sparse = encode(SparseVector(support.numel(), torch.tensor([0, 3]), torch.tensor([1.0, 2.0])))
     with pytest.raises(CodecError, match="all .* values of the support"):
         check_upload(sparse, n, shared=support)
+
+
+def test_only_a_support_every_client_of_the_round_derives_alike_counts_as_one_for_all():
+    assert one_for_all("random", per_client_downloads=True, tiers=False)
+    assert one_for_all("download+random", per_client_downloads=False, tiers=False)
+    assert not one_for_all("download", per_client_downloads=True, tiers=False)  # delta downloads differ per client
+    assert not one_for_all("random", per_client_downloads=False, tiers=True)  # each tier its own density or rank
+    assert not one_for_all("topk", per_client_downloads=False, tiers=False)

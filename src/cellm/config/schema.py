@@ -219,6 +219,21 @@ class DPConfig:
 
 
 @dataclass
+class SecAggConfig:
+    enabled: bool = _f(False, "Secure aggregation (SecAgg+): clients mask their uploads so that the server learns "
+                              "only the round's sum, never one client's upload. Needs a shared upload support "
+                              "(comm.up_support other than topk) and rules out what needs single uploads (robust "
+                              "bounds and rules, faults.norm_factor, simulated attackers, DP for now).")
+    clip: float = _f(0.05, "The public bound every client clips each uploaded value to before masking (the server "
+                           "cannot check it); error feedback keeps what is cut.", gt=0)
+    value_bits: int = _f(8, "Bits of one quantized value, sign included; the ring adds ceil(log2 "
+                            "fl.clients_per_round) bits so the sum cannot wrap.", ge=2, le=32)
+    neighbours: int = _f(0, "SecAgg+ degree k: each client masks with, and shares its secrets among, k others; 0 = "
+                            "everyone (plain SecAgg: the most robust to dropouts).", ge=0)
+    threshold: int = _f(0, "Shamir threshold t of a neighbourhood (its k + 1 clients); 0 = a majority.", ge=0)
+
+
+@dataclass
 class HeteroConfig:
     mode: str = _f("none", "Client tiers: none; density (tier i sends at density d * 4^-(T-1-i)); rank (trains and "
                            "sends only the first r * 4^-(T-1-i) ranks).", ("none", "density", "rank"))
@@ -268,6 +283,7 @@ class CellmConfig:
     robust: RobustConfig = field(default_factory=RobustConfig,
                                  metadata={"help": "Bounding and combining uploads against hostile clients."})
     dp: DPConfig = field(default_factory=DPConfig, metadata={"help": "Differential privacy."})
+    secagg: SecAggConfig = field(default_factory=SecAggConfig, metadata={"help": "Secure aggregation of uploads."})
     hetero: HeteroConfig = field(default_factory=HeteroConfig, metadata={"help": "Client tiers."})
     slora: SLoRAConfig = field(default_factory=SLoRAConfig, metadata={"help": "SLoRA's sparse first stage."})
 

@@ -101,6 +101,32 @@ def _validate_up_support(cfg: CellmConfig) -> None:
                f"so a support outside it carries nothing new); got {k.up_support!r}")
 
 
+def _validate_secagg(cfg: CellmConfig) -> None:
+    """secagg.enabled: what the server can no longer do once it sees only the round's sum."""
+    if not cfg.secagg.enabled:
+        return
+    why = "with secagg.enabled (the server sees only the round's sum, never a single upload)"
+    _check(cfg.comm.up_support != "topk", "comm.up_support", "must be a shared support (random, download or "
+           "download+random) with secagg.enabled: masked vectors add up only over the same positions")
+    _check(cfg.fl.clients_per_round >= 2, "fl.clients_per_round", "must be >= 2 with secagg.enabled")
+    rb = cfg.robust
+    _check(rb.clip_factor == 0 and rb.max_norm == 0, "robust.clip_factor",
+           f"and robust.max_norm must be 0 {why}: clients clip each value to secagg.clip instead")
+    _check(rb.aggregator == "mean" and rb.min_cosine == -1, "robust.aggregator",
+           f"must be 'mean' (and robust.min_cosine -1) {why}")
+    _check(cfg.faults.norm_factor == 0, "faults.norm_factor", f"must be 0 {why}")
+    _check(cfg.faults.byzantine == 0, "faults.byzantine", f"must be 0 {why}")
+    _check(cfg.fl.aggregation == "mean", "fl.aggregation", f"must be 'mean' {why}")
+    _check(cfg.dp.noise_multiplier == 0, "dp.noise_multiplier", f"must be 0 {why}: central DP clips each upload "
+           "on the server (clipping on the clients before masking is not built yet)")
+    _check(cfg.hetero.mode == "none", "hetero.mode", f"must be 'none' {why}: tiers give clients different supports")
+    _check(cfg.comm.download_mode == "weights" or cfg.comm.up_support == "random", "comm.download_mode",
+           "must be 'weights' with secagg.enabled and a download-based support (delta downloads differ per client)")
+    _check(not cfg.slora.stage1_rounds, "slora.stage1_rounds", f"must be 0 {why} (not built for SLoRA's stage 1)")
+    k = cfg.secagg.neighbours
+    _check(k == 0 or k >= 2, "secagg.neighbours", f"must be 0 (everyone) or >= 2; got {k}")
+
+
 def validate(cfg: CellmConfig) -> None:
     """Declared choices and bounds, then the rules that tie fields together. Raises ConfigError naming the field."""
     _check_declared(cfg, "")
@@ -121,6 +147,7 @@ def validate(cfg: CellmConfig) -> None:
     _validate_clients(cfg)
     _validate_slora(cfg)
     _validate_up_support(cfg)
+    _validate_secagg(cfg)
     fa = cfg.faults
     _check(fa.norm_factor == 0 or fa.norm_factor >= 1, "faults.norm_factor",
            f"must be 0 (off) or >= 1; got {fa.norm_factor}")

@@ -15,7 +15,10 @@ class Ledger:
 
     entries: dict[int, dict[str, int]] = field(default_factory=lambda: defaultdict(_zero))
 
-    def record(self, round_: int, direction: str, nbytes: int, nonzeros: int, tier: str | None = None) -> None:
+    def record(self, round_: int, direction: str, nbytes: int, nonzeros: int, tier: str | None = None,
+               part: str | None = None) -> None:
+        """Count one message. ``part`` names a share of the traffic that is also reported on its own (e.g.
+        "secagg": the secure-aggregation protocol's keys, shares and unmasking), besides the totals."""
         if direction not in DIRECTIONS:
             raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
         row = self.entries[round_]
@@ -26,6 +29,9 @@ class Ledger:
             row[f"tier.{tier}.{direction}_bytes"] = row.get(f"tier.{tier}.{direction}_bytes", 0) + int(nbytes)
             row[f"tier.{tier}.{direction}_nonzeros"] = (
                 row.get(f"tier.{tier}.{direction}_nonzeros", 0) + int(nonzeros))
+        if part is not None:
+            row[f"{part}.{direction}_bytes"] = row.get(f"{part}.{direction}_bytes", 0) + int(nbytes)
+            row[f"{part}.{direction}_messages"] = row.get(f"{part}.{direction}_messages", 0) + 1
 
     def round_totals(self, round_: int) -> dict[str, int]:
         return dict(self.entries.get(round_, _zero()))
@@ -35,10 +41,12 @@ class Ledger:
                    if up_to_round is None or t <= up_to_round)
 
     def totals(self) -> dict[str, int]:
+        """Sums over the rounds: the totals, and each named part's bytes and messages (``part.direction_...``)."""
         out = _zero()
         for row in self.entries.values():
-            for k in out:
-                out[k] += row[k]
+            for k, v in row.items():
+                if k in out or (not k.startswith("tier.") and "." in k):
+                    out[k] = out.get(k, 0) + v
         return dict(out)
 
     def state_dict(self) -> dict[str, Any]:

@@ -41,6 +41,18 @@ def is_shared(rule: str) -> bool:
     return rule != "topk"
 
 
+def one_for_all(rule: str, *, per_client_downloads: bool, tiers: bool) -> bool:
+    """Whether ``rule`` gives every client of a round the same support (what secure aggregation needs).
+
+    A random support is the round's; a download-based one is the download's, shared only when every client gets
+    the same download (weights mode, not per-client delta downloads). Tiers (density or rank) give each tier its
+    own support. Per-client top-k never shares one.
+    """
+    if not is_shared(rule) or tiers:
+        return False
+    return not (rule in USES_DOWNLOAD and per_client_downloads)
+
+
 def head_mask(segments: list[tuple[str, int, int]], n: int) -> torch.Tensor:
     """Boolean mask of the classifier head's entries, from the adapter's (name, start, end) segments (a causal LM
     has no head: all False)."""
@@ -105,4 +117,4 @@ def support_indices(mask: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["FILLED", "HEAD_MARK", "SHARED_SUPPORTS", "USES_DOWNLOAD", "UP_SUPPORTS", "fill_random", "head_mask",
-           "is_shared", "random_order", "shared_support", "support_indices"]
+           "is_shared", "one_for_all", "random_order", "shared_support", "support_indices"]

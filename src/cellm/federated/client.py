@@ -11,10 +11,14 @@ import torch
 from cellm.core.codec import CodecError, decode
 from cellm.core.feedback import compress, compress_on
 from cellm.core.optim import make_optimizer
+from cellm.core.secagg import QuantSpec
+from cellm.core.secagg.quantize import pack_ring
+from cellm.core.sparse import SparseVector
 from cellm.core.support import head_mask
 from cellm.data.types import Split
 from cellm.errors import CellmError
 from cellm.federated.messages import ClientReply, ClientTask, TrainSpec, task_support, vector_digest
+from cellm.federated.secure import ring_values
 from cellm.federated.seeds import BATCHES, DROPOUT, derive
 from cellm.models.device import autocast, model_device
 from cellm.models.flat import FlatView, rank_support
@@ -181,6 +185,8 @@ def client_update(
     if shared is None:
         payload, sent, new_residual = compress(delta, task.up_density, task.codec_up, residual,
                                                support=grad_mask)
+    elif task.ring_bits:  # secure aggregation: ring values, masked by the runtime before anything is sent
+        payload, sent, new_residual = ring_upload(delta, shared, task, residual, seed)
     else:
         payload, sent, new_residual = compress_on(delta, shared, task.codec_up, residual)
     codec_s += time.perf_counter() - t0
@@ -190,6 +196,20 @@ def client_update(
         pending_copy=start if task.download_mode == "delta" else None,
     )
     return ClientReply(payload, len(data), loss, sent.k, {"codec_s": codec_s}), new_state
+
+
+def ring_upload(delta: torch.Tensor, shared: torch.Tensor, task: ClientTask, residual: torch.Tensor | None,
+                seed: int) -> tuple[bytes, SparseVector, torch.Tensor | None]:
+    """A secure-aggregation upload before masking: the values on the shared support, clipped to the public bound
+    and rounded into the ring (:func:`cellm.federated.secure.ring_values`), packed R bits a value. These bytes
+    never leave the client as they are: the runtime masks them (``cellm.runtime.clients.run_tasks``). Error
+    feedback keeps what the clip and the rounding cut."""
+    target = delta if residual is None else delta + residual
+    quant = QuantSpec(clip=task.ring_clip, value_bits=task.ring_bits, max_clients=task.ring_clients)
+    q, values = ring_values(target[shared], quant, seed, task.round, task.client)
+    sent = SparseVector(target.numel(), shared, values)
+    new_residual = None if residual is None else target - sent.to_dense()
+    return pack_ring(q, quant.ring_bits), sent, new_residual
 
 
 __all__ = ["ClientState", "CodecError", "InitMismatchError", "client_update", "local_train"]

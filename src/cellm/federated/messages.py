@@ -60,6 +60,10 @@ class ClientTask:
     acked_round: int = 0  # the last round whose upload from this client the server accepted (0: none)
     up_support: str = "topk"  # comm.up_support: "topk" (own top-k, positions sent) or a shared rule (values only)
     up_support_head: bool = False  # the classifier head's entries are part of the shared support
+    ring_bits: int = 0  # secure aggregation: bits of a quantized value (0 = off), the public clip and round size
+    ring_clip: float = 0.0
+    ring_clients: int = 0
+    secagg_routed: bytes = b""  # secure aggregation: the shares other clients sent this one (encrypted to it)
 
 
 @dataclass

@@ -6,6 +6,7 @@ import numpy as np
 
 SAMPLING, BATCHES, DROPOUT, DP_NOISE = 1, 2, 3, 4
 UP_SUPPORT = 20  # the seeded random part of a shared upload support (comm.up_support)
+SECAGG_ROUNDING = 21  # a client's stochastic rounding of its values into the secure-aggregation ring
 
 
 def derive(seed: int, round_: int, client: int, stream: int) -> int:

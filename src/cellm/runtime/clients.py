@@ -8,10 +8,14 @@ node's disk for Flower (:class:`cellm.runtime.flower.node_state.RoundStore`).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from cellm.config import CellmConfig
+from cellm.core import secagg
+from cellm.core.secagg import SecAggError, SecAggParams
+from cellm.core.secagg.quantize import unpack_ring
 from cellm.federated.client import ClientState, client_update
 from cellm.federated.messages import ClientReply, ClientTask, train_spec
 from cellm.runtime.setup import Setup
@@ -41,7 +45,32 @@ class MemoryStore:
         self.states[client] = state
 
 
-def run_tasks(setup: Setup, cfg: CellmConfig, tasks: list[ClientTask], store: ClientStore) -> dict[int, ClientReply]:
+SecureStates = dict  # client id -> its secure-aggregation state this round (secrets: never leaves the client)
+
+
+def secure_advertise(params: SecAggParams, clients: list[int], states: SecureStates) -> dict[int, bytes]:
+    """Secure aggregation, stage 1 on each client: fresh key pairs, public keys out."""
+    out = {}
+    for c in clients:
+        states[c], out[c] = secagg.client_advertise(params, c)
+    return out
+
+
+def secure_share(keys: dict[int, bytes], states: SecureStates) -> dict[int, bytes]:
+    """Stage 2 on each client that got its neighbours' keys: shares of its secrets, encrypted to each."""
+    out = {}
+    for c, msg in keys.items():
+        states[c], out[c] = secagg.client_share(states[c], msg)
+    return out
+
+
+def secure_unmask(requests: dict[int, bytes], states: SecureStates) -> dict[int, bytes]:
+    """Stage 4 on each client asked: the shares that remove the round's masks (and nothing that unmasks one)."""
+    return {c: secagg.client_unmask(states[c], msg) for c, msg in requests.items()}
+
+
+def run_tasks(setup: Setup, cfg: CellmConfig, tasks: list[ClientTask], store: ClientStore,
+              secure: SecureStates | None = None) -> dict[int, ClientReply]:
     """Run ``tasks`` one after another on the one base model in ``setup``; returns the replies by client.
 
     The model first follows the tasks' stage (SLoRA's stage 2 once the server has switched). Each client starts
@@ -61,5 +90,12 @@ def run_tasks(setup: Setup, cfg: CellmConfig, tasks: list[ClientTask], store: Cl
                                          state, seed=cfg.seed, w0=setup.w0)
         if new_state.keeps_anything():
             store.save(task.client, task.round, new_state)
+        if task.ring_bits:
+            if secure is None or task.client not in secure:
+                raise SecAggError(f"client {task.client} has a secure-aggregation task but no keys for this round")
+            st = secure[task.client]
+            q = unpack_ring(reply.payload, st.params.length, st.params.ring_bits, "this client's ring values")
+            secure[task.client], masked = secagg.client_masked_input(st, task.secagg_routed, q)
+            reply = dataclasses.replace(reply, payload=masked)
         replies[task.client] = reply
     return replies

@@ -8,6 +8,7 @@ A round: plan (sample, densities, encode downloads), simulated faults, run the c
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -18,6 +19,18 @@ import torch
 from cellm.config import CellmConfig
 from cellm.core.codec import HARD_MAX_N, CodecError, decode, encode
 from cellm.core.dp import epsilon as dp_epsilon
+from cellm.core.secagg import (
+    SecAggAbort,
+    SecAggError,
+    SecAggParams,
+    server_route_keys,
+    server_route_shares,
+    server_sum,
+    server_unmask_request,
+)
+from cellm.core.support import head_mask
+from cellm.errors import ConfigError
+from cellm.federated import secure
 from cellm.federated.faults import ATTACK_NOISE, arrivals, attack, attackers
 from cellm.federated.messages import ClientReply
 from cellm.federated.seeds import derive
@@ -27,9 +40,11 @@ from cellm.federated.server import (
     ServerState,
     densities,
     finish_round,
+    finish_secure_round,
     masked_weights,
     model_weights,
     plan_round,
+    round_support,
     tier_factor,
     tier_rank,
 )
@@ -38,6 +53,7 @@ from cellm.models.flat import FlatView, rank_support
 from cellm.runtime import stages
 from cellm.runtime.setup import Setup
 
+log = logging.getLogger("cellm")
 OnRound = Callable[[ServerState, dict[str, Any]], None]
 
 
@@ -54,6 +70,15 @@ class ClientRunner(Protocol):
         """Run the clients in ``arrived``; return their replies and the clients lost on the way
         ("failed" or "late"). Clients the simulated faults drop are not in ``arrived``. A runtime that wraps
         payloads in its own messages may set ``self.transport`` to the (down, up) bytes of the round's messages."""
+
+    def secure_advertise(self, params: SecAggParams, clients: list[int]) -> dict[int, bytes]:
+        """Secure aggregation only: stage 1 on ``clients`` (their public keys, by client)."""
+
+    def secure_share(self, keys: dict[int, bytes]) -> dict[int, bytes]:
+        """Secure aggregation only: stage 2 (each client's encrypted shares, given its neighbours' keys)."""
+
+    def secure_unmask(self, requests: dict[int, bytes]) -> dict[int, bytes]:
+        """Secure aggregation only: stage 4 (each asked client's shares that remove the round's masks)."""
 
 
 def evaluate_vector(setup: Setup, vec: torch.Tensor, cfg: CellmConfig) -> dict[str, float]:
@@ -141,17 +166,20 @@ def simulate_attacks(cfg: CellmConfig, plan: RoundPlan, replies: dict[int, Clien
 
 
 def play_round(state: ServerState, cfg: CellmConfig, supports: dict[int, torch.Tensor] | None,
-               runner: ClientRunner, sizes: list[int] | None = None) -> RoundOutcome:
+               runner: ClientRunner, sizes: list[int] | None = None, head: torch.Tensor | None = None) -> RoundOutcome:
     """One round with ``runner`` executing the clients; ``overhead_s`` is the time in masks, coding, decoding,
     aggregation and the server step (not training, not evaluation). ``cfg`` is the round's stage config;
-    ``sizes`` the clients' partition sizes as the server knows them (weighted aggregation)."""
+    ``sizes`` the clients' partition sizes as the server knows them (weighted aggregation); ``head`` the
+    classifier head's entries (comm.up_support_head)."""
     t0 = time.perf_counter()
-    plan = plan_round(state, cfg, supports, runner.available_clients())
+    plan = plan_round(state, cfg, supports, runner.available_clients(), head)
     plan_s = time.perf_counter() - t0
     fa = cfg.faults  # simulated faults, derived from (seed, round, client): the same in every runtime
     arrived, failed, late = arrivals(cfg.seed, plan.round, plan.clients, fa.failure_prob, fa.deadline_s,
                                      fa.client_time_s, fa.time_sigma)
     missing = {c: "failed" for c in failed} | {c: "late" for c in late}
+    if cfg.secagg.enabled:
+        return play_secure_round(state, cfg, plan, runner, arrived, missing, plan_s)
     replies, lost = runner.run_clients(plan, arrived)
     attacked = simulate_attacks(cfg, plan, replies)
     t0 = time.perf_counter()
@@ -159,8 +187,70 @@ def play_round(state: ServerState, cfg: CellmConfig, supports: dict[int, torch.T
                            None if sizes is None else dict(enumerate(sizes)))
     outcome.attacked = attacked
     outcome.transport = getattr(runner, "transport", None)
-    outcome.overhead_s = plan_s + (time.perf_counter() - t0) + sum(  # a client's own timing: used only if sane
-        float(v) for r in replies.values() if isinstance(v := r.extra.get("codec_s"), int | float) and 0 <= v < 1e6)
+    outcome.overhead_s = plan_s + (time.perf_counter() - t0) + _client_codec_s(replies)
+    return outcome
+
+
+def _client_codec_s(replies: dict[int, ClientReply]) -> float:
+    """The clients' own coding time, as they report it: used only if sane."""
+    return sum(float(v) for r in replies.values()
+               if isinstance(v := r.extra.get("codec_s"), int | float) and 0 <= v < 1e6)
+
+
+def play_secure_round(state: ServerState, cfg: CellmConfig, plan: RoundPlan, runner: ClientRunner,
+                      arrived: list[int], missing: dict[int, str], plan_s: float) -> RoundOutcome:
+    """A round under secure aggregation (SecAgg+, :mod:`cellm.core.secagg`): keys and shares before training,
+    masked uploads, then unmasking; the server gets the sum over the clients whose masked upload arrived.
+
+    The sampled clients advertise keys and share their secrets first; the simulated faults then drop clients
+    after that (a failed client never sends its masked vector, whose masks the others' shares remove). Every
+    protocol message is in the ledger (part "secagg"); a malformed masked vector is refused and treated as a
+    dropout. If too few clients remain for the threshold, the round leaves the model unchanged: the server never
+    falls back to reading single uploads.
+    """
+    t, ledger = plan.round, state.ledger
+    support = round_support(plan)
+    if support is None:
+        raise ConfigError("secure aggregation needs one upload support shared by the round's clients; this "
+                          "round's clients have different ones (comm.up_support, tiers or delta downloads)")
+    if len(plan.clients) < 2:
+        raise RuntimeError(f"round {t}: secure aggregation needs at least 2 clients, {len(plan.clients)} sampled")
+    t0 = time.perf_counter()
+    params = secure.round_params(cfg, t, plan.clients, int(support.numel()))
+    ads = runner.secure_advertise(params, plan.clients)
+    secure.record(ledger, t, ads)
+    server_keys, keys = server_route_keys(params, ads)
+    secure.record(ledger, t, keys)
+    shares = runner.secure_share(keys)
+    secure.record(ledger, t, shares)
+    server_shares, routed = server_route_shares(server_keys, shares)
+    secure.record(ledger, t, routed)
+    plan.tasks = {c: dataclasses.replace(task, secagg_routed=routed.get(c, b"")) for c, task in plan.tasks.items()}
+    setup_s = time.perf_counter() - t0
+    replies, lost = runner.run_clients(plan, [c for c in arrived if c in routed])
+    t0 = time.perf_counter()
+    refused: dict[int, str] = {}
+    masked = {}
+    for c, r in replies.items():
+        try:
+            secure.check_masked(params, c, r.payload)
+            masked[c] = r.payload
+        except SecAggError as exc:
+            refused[c] = str(exc)
+    total, contributors = None, []
+    try:
+        server_masked, requests = server_unmask_request(server_shares, masked)
+        secure.record(ledger, t, requests)
+        answers = runner.secure_unmask(requests)
+        secure.record(ledger, t, answers)
+        result = server_sum(server_masked, answers)
+        total, contributors = torch.from_numpy(result.dequantize()), list(result.contributors)
+    except SecAggAbort as exc:
+        log.warning("round %d: secure aggregation aborted (%s); the model is unchanged", t, exc)
+    outcome = finish_secure_round(state, cfg, plan, replies, support, total, contributors, refused,
+                                  {**missing, **lost})
+    outcome.transport = getattr(runner, "transport", None)
+    outcome.overhead_s = plan_s + setup_s + (time.perf_counter() - t0) + _client_codec_s(replies)
     return outcome
 
 
@@ -187,7 +277,8 @@ def drive(cfg: CellmConfig, setup: Setup, runner: ClientRunner, state: ServerSta
         runner.prepare()
         kept = stages.begin_next(setup, state, cfg) if stages.begins_now(state, cfg) else None
         scfg = stages.stage_config(cfg, state.stage)
-        outcome = play_round(state, scfg, supports, runner, sizes)
+        head = head_mask(setup.flat.segments(), setup.flat.numel) if cfg.comm.up_support_head else None
+        outcome = play_round(state, scfg, supports, runner, sizes, head)
         t = state.round
         ev = None
         e0 = time.perf_counter()

@@ -10,10 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cellm.config import CellmConfig
+from cellm.core.secagg import SecAggParams
 from cellm.federated.client import ClientState
 from cellm.federated.messages import ClientReply
 from cellm.federated.server import RoundPlan, ServerState
-from cellm.runtime.clients import MemoryStore, run_tasks
+from cellm.runtime.clients import MemoryStore, run_tasks, secure_advertise, secure_share, secure_unmask
 from cellm.runtime.driver import OnRound, drive
 from cellm.runtime.setup import Setup
 
@@ -25,6 +26,7 @@ class Simulator:
     cfg: CellmConfig
     setup: Setup | None = None  # given by the session once loaded (:meth:`attach`)
     store: MemoryStore = field(default_factory=MemoryStore)
+    secure: dict = field(default_factory=dict)  # secure aggregation: each client's protocol state this round
     runtime = "embedded"
     connects = False
 
@@ -63,7 +65,20 @@ class Simulator:
         """Train the clients that will reply in time. Failed and late clients do no work here, so their kept
         state (residuals) does not move: in effect their round never happened."""
         assert self.setup is not None, "attach the setup first"
-        return run_tasks(self.setup, self.cfg, [plan.tasks[c] for c in arrived], self.store), {}
+        return run_tasks(self.setup, self.cfg, [plan.tasks[c] for c in arrived], self.store, self.secure), {}
+
+    # secure aggregation's other stages: every client answers in process (simulated faults drop clients after
+    # stage 2, as a client that fails mid-round would)
+
+    def secure_advertise(self, params: SecAggParams, clients: list[int]) -> dict[int, bytes]:
+        self.secure = {}
+        return secure_advertise(params, clients, self.secure)
+
+    def secure_share(self, keys: dict[int, bytes]) -> dict[int, bytes]:
+        return secure_share(keys, self.secure)
+
+    def secure_unmask(self, requests: dict[int, bytes]) -> dict[int, bytes]:
+        return secure_unmask(requests, self.secure)
 
 
 def simulate(cfg: CellmConfig, setup: Setup, state: ServerState | None = None, on_round: OnRound | None = None,
