@@ -25,6 +25,7 @@ from cellm.core.sparse import SparseVector
 from cellm.core.support import USES_DOWNLOAD, one_for_all
 from cellm.core.topk import num_kept, topk_mask
 from cellm.federated.messages import ClientReply, ClientTask, task_support, vector_digest
+from cellm.federated.secure import quant_spec
 from cellm.federated.seeds import DP_NOISE, derive, sample_clients
 
 
@@ -223,6 +224,9 @@ def plan_round(state: ServerState, cfg: CellmConfig, supports: dict[int, torch.T
     up_supports: dict[int, torch.Tensor] = {}
     tier_up: dict[int | None, torch.Tensor | None] = {}  # weights mode: a tier's clients share their support S
     digest = vector_digest(state.w0) if cfg.comm.init_relative else ""
+    sa = cfg.secagg
+    ring = {"ring_bits": sa.value_bits, "ring_clip": sa.clip, "ring_clients": quant_spec(cfg).max_clients} \
+        if sa.enabled else {}
     for c in clients:
         tier = tier_of(cfg, c)
         cd_down, cd_up = client_densities(cfg, t, c)
@@ -254,7 +258,7 @@ def plan_round(state: ServerState, cfg: CellmConfig, supports: dict[int, torch.T
                               support_rank=tier_rank(cfg, tier) if support is not None else 0,
                               download_masked=masked, init_digest=digest, stage=state.stage,
                               acked_round=state.acked.get(c, 0), up_support=cfg.comm.up_support,
-                              up_support_head=cfg.comm.up_support_head)
+                              up_support_head=cfg.comm.up_support_head, **ring)
         if cfg.comm.up_support != "topk":
             if cfg.comm.download_mode == "delta" or tier not in tier_up:
                 tier_up[tier] = task_support(tasks[c], state.w.numel(), cfg.seed, download=positions, head=head,
@@ -401,17 +405,61 @@ def finish_round(state: ServerState, cfg: CellmConfig, plan: RoundPlan, replies:
                 if sum(weights) <= 0:
                     weights = None
             grad = aggregate(deltas, weights)
-        state.w, state.opt_state = server_step(state.w, grad, state.opt_state, server_opt_spec(cfg))
-        applied = True
-        if cfg.comm.error_feedback_up or cfg.comm.download_mode == "delta":
-            for c, _, _ in good:
-                state.acked[c] = t
-                if c in plan.copies:
-                    state.client_copies[c] = plan.copies[c]
+        applied = step(state, cfg, plan, grad, [c for c, _, _ in good])
+    end_round(state, cfg, t)
+    loss = mean_loss([r for _, _, r in good])
+    return RoundOutcome([c for c, _, _ in good], rejected, dict(missing or {}), loss, applied, clipped)
+
+
+def finish_secure_round(state: ServerState, cfg: CellmConfig, plan: RoundPlan, replies: dict[int, ClientReply],
+                        support: torch.Tensor, total: torch.Tensor | None, contributors: list[int],
+                        refused: dict[int, str], missing: dict[int, str] | None = None) -> RoundOutcome:
+    """End a round under secure aggregation: the server holds only ``total``, the sum of the ``contributors``'
+    uploads on the shared ``support`` (unmasked by the protocol; None when it aborted), never a single one.
+
+    Every masked vector that arrived counts as an upload of |S| values in the ledger; the mean of the sum is the
+    server's gradient on S. ``refused``: clients whose masked vector or answer was malformed (they count as
+    rejected; the protocol treated them as dropped). Nothing can be checked per client here: clients clipped
+    their values before masking (secagg.clip), which is all that bounds one client's influence.
+    """
+    t = plan.round
+    for c in sorted(replies):
+        state.ledger.record(t, "up", len(replies[c].payload), int(support.numel()))
+    accepted = sorted(contributors) if total is not None else []
+    rejected = dict(refused)
+    for c in sorted(replies):
+        if c not in accepted and c not in rejected:
+            rejected[c] = "its masked upload is not in the round's sum (the protocol aborted)"
+    applied = False
+    if accepted:
+        grad = torch.zeros(state.w.numel())
+        grad[support] = (total.to(torch.float64) / len(accepted)).to(torch.float32)
+        applied = step(state, cfg, plan, grad, accepted)
+    end_round(state, cfg, t)
+    return RoundOutcome(accepted, rejected, dict(missing or {}), mean_loss([replies[c] for c in accepted]), applied)
+
+
+def step(state: ServerState, cfg: CellmConfig, plan: RoundPlan, grad: torch.Tensor, accepted: list[int]) -> bool:
+    """The server step with the round's aggregate; stateful clients' copies and acknowledged rounds advance for
+    the ``accepted`` ones only. Returns True (the model moved)."""
+    state.w, state.opt_state = server_step(state.w, grad, state.opt_state, server_opt_spec(cfg))
+    if cfg.comm.error_feedback_up or cfg.comm.download_mode == "delta":
+        for c in accepted:
+            state.acked[c] = plan.round
+            if c in plan.copies:
+                state.client_copies[c] = plan.copies[c]
+    return True
+
+
+def end_round(state: ServerState, cfg: CellmConfig, t: int) -> None:
+    """Close round ``t``: freeze the download mask when it is due (pruned LoRA), advance the round."""
     if cfg.comm.freeze_mask_after and t == cfg.comm.freeze_mask_after and state.frozen_mask is None:
         d_down, _ = densities(cfg, t + 1)
         state.frozen_mask = topk_mask(relative_weights(state, cfg), d_down)
     state.round = t
-    losses = [r.train_loss for _, _, r in good if math.isfinite(r.train_loss)]
-    loss = sum(losses) / len(losses) if losses else math.nan
-    return RoundOutcome([c for c, _, _ in good], rejected, dict(missing or {}), loss, applied, clipped)
+
+
+def mean_loss(replies: list[ClientReply]) -> float:
+    """The mean of the finite train losses the clients reported (nan when none did)."""
+    losses = [r.train_loss for r in replies if math.isfinite(r.train_loss)]
+    return sum(losses) / len(losses) if losses else math.nan
