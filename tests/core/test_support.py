@@ -11,6 +11,7 @@ from cellm.core.feedback import compress, compress_on
 from cellm.core.sparse import SparseVector
 from cellm.core.support import (
     fill_random,
+    fill_scored,
     head_mask,
     one_for_all,
     random_order,
@@ -129,3 +130,13 @@ def test_only_a_support_every_client_of_the_round_derives_alike_counts_as_one_fo
     assert not one_for_all("download", per_client_downloads=True, tiers=False)  # delta downloads differ per client
     assert not one_for_all("random", per_client_downloads=False, tiers=True)  # each tier its own density or rank
     assert not one_for_all("topk", per_client_downloads=False, tiers=False)
+
+
+def test_the_server_fills_by_score_and_falls_back_to_the_seeded_order_without_one():
+    fixed = torch.zeros(10, dtype=torch.bool)
+    fixed[0] = True
+    scores = torch.tensor([9.0, 0.1, -5.0, 0.2, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    assert fill_scored(fixed, 3, scores, seed=0).nonzero().reshape(-1).tolist() == [0, 2, 4]  # |score|, not score
+    assert torch.equal(fill_scored(fixed, 4, None, seed=0), fill_random(fixed, 4, seed=0))
+    with pytest.raises(ValueError, match="scores"):
+        fill_scored(fixed, 4, torch.zeros(9), seed=0)

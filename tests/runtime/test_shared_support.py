@@ -93,6 +93,35 @@ def test_a_download_support_is_the_rounds_download_mask_with_its_positions_sent(
         assert all(t.download_masked for t in plan.tasks.values())
 
 
+def test_a_server_chosen_support_travels_in_the_download_and_grows_it_to_the_upload_density(cache_dir, monkeypatch):
+    rec = Recorder(monkeypatch)
+    res = cellm.run(_cfg(cache_dir, 'comm.up_support="server"', *IR_INT4, "comm.up_density=0.5"), save=False)
+    for plan, row in zip(rec.plans, res.metrics[1:], strict=True):
+        support = round_support(plan)
+        assert support is not None and support.numel() == int(1189 * 0.5)
+        assert row["down_nonzeros"] == 3 * support.numel()  # M (a quarter) and the server's choice, sent
+    assert all(r["accepted"] == 3 for r in res.metrics[1:])
+
+
+def test_the_server_chooses_the_entries_of_largest_first_moment_outside_the_download_mask(cache_dir):
+    from cellm.federated.server import ServerState, server_support
+
+    cfg = _cfg(cache_dir, 'comm.up_support="server"')
+    state = ServerState.initial(torch.zeros(100))
+    moment = torch.arange(100.0) * torch.tensor([1.0, -1.0]).repeat(50)  # |moment| grows with the position
+    state.opt_state = {"state": {0: {"exp_avg": moment}}, "param_groups": []}
+    mask = torch.zeros(100, dtype=torch.bool)
+    mask[40:50] = True
+    chosen = server_support(state, cfg, 1, mask, 0.3)
+    assert chosen.nonzero().reshape(-1).tolist() == [*range(40, 50), *range(80, 100)]
+    rank = torch.ones(100, dtype=torch.bool)
+    rank[95:] = False  # a rank tier that cannot train entries 95-99: the next largest are taken instead
+    chosen = server_support(state, cfg, 1, mask, 0.3, support=rank)
+    assert chosen.nonzero().reshape(-1).tolist() == [*range(40, 50), *range(75, 95)]
+    state.opt_state = None  # round 1: no moment yet, the seeded order fills
+    assert int(server_support(state, cfg, 1, mask, 0.3).sum()) == 30
+
+
 def test_an_upload_of_the_wrong_length_is_refused_and_the_others_are_applied(cache_dir, monkeypatch):
     def shorten(plan, replies):
         c = plan.clients[0]
@@ -179,6 +208,8 @@ def test_the_config_refuses_shared_support_settings_that_mean_nothing(cache_dir)
         _cfg(cache_dir, 'comm.up_support="everything"')
     with pytest.raises(ConfigError, match="comm.up_support_head"):
         _cfg(cache_dir, 'comm.up_support="random"', "comm.up_support_head=true", "slora.stage1_rounds=1")
+    with pytest.raises(ConfigError, match="comm.download_mode"):
+        _cfg(cache_dir, 'comm.up_support="server"', 'comm.download_mode="delta"')
     _cfg(cache_dir, "comm.client_freeze=true", 'comm.up_support="download"')
 
 

@@ -142,7 +142,10 @@ class CommConfig:
                                  "sent as values only (no position bytes; what secure aggregation needs): random (a "
                                  "seeded set of up_density, new each round); download (the round's download "
                                  "positions M, so d_up follows d_down); download+random (M topped up with a seeded "
-                                 "set to up_density: exploration). Error feedback keeps what falls outside.",
+                                 "set to up_density: exploration); server (M topped up to up_density with the "
+                                 "entries of largest server-optimizer first moment, sent in the download, so their "
+                                 "positions and values count as download bytes). Error feedback keeps what falls "
+                                 "outside.",
                           UP_SUPPORTS)
     up_support_head: bool = _f(False, "Add every entry of the classifier head to a shared upload support (comm."
                                       "up_support); random parts fill the rest of up_density.")

@@ -95,6 +95,9 @@ def _validate_up_support(cfg: CellmConfig) -> None:
                "comm.up_support = 'topk' each client picks its own entries: set comm.up_support or leave it false")
         _check(not cfg.slora.stage1_rounds, "comm.up_support_head", "must be false with slora.stage1_rounds > 0 "
                "(the adapter's layout, and so the head's positions, change at the switch)")
+    if k.up_support == "server":
+        _check(k.download_mode == "weights", "comm.download_mode", "must be 'weights' with comm.up_support = "
+               "'server' (the server's choice travels in the one download every client gets)")
     if k.client_freeze:
         _check(k.up_support in ("topk", "download"), "comm.up_support",
                f"must be 'topk' or 'download' with comm.client_freeze (clients train on the download's mask only, "

@@ -3,7 +3,7 @@
 Per-client top-k ("topk") lets each client choose where its upload lies, so the positions travel and differ from
 client to client. A *shared* support S is fixed before training from what both sides already hold: the run seed
 and the round (a seeded random set), the round's download positions (the mask M every client receives), the
-classifier head. Uploads then carry only the values on S, in the same order for every client, so no position
+classifier head, or entries the server chose and announced in the download. Uploads then carry only the values on S, in the same order for every client, so no position
 bytes are sent and (for secure aggregation) masked vectors of the round can be added up.
 
 Pure functions over flat tensors: the federated layer derives the seed and gathers the download positions.
@@ -16,10 +16,11 @@ import torch
 
 from cellm.core.topk import num_kept
 
-UP_SUPPORTS = ("topk", "random", "download", "download+random")
+UP_SUPPORTS = ("topk", "random", "download", "download+random", "server")
 """The upload support rules: ``topk`` (each client's own top-k of its delta, positions sent), ``random`` (a seeded
 random set, new each round), ``download`` (the round's download positions M), ``download+random`` (M topped up with
-a seeded random set to the upload density: exploration)."""
+a seeded random set to the upload density: exploration), ``server`` (M topped up by the server with the entries of
+largest score, e.g. its optimizer's first moment, and announced by sending them in the download)."""
 
 SHARED_SUPPORTS = UP_SUPPORTS[1:]
 """The rules whose support is fixed before training: uploads carry values only."""
@@ -27,8 +28,12 @@ SHARED_SUPPORTS = UP_SUPPORTS[1:]
 FILLED = ("random", "download+random")
 """The rules that top their fixed part up with seeded random positions to the upload density."""
 
-USES_DOWNLOAD = ("download", "download+random")
+USES_DOWNLOAD = ("download", "download+random", "server")
 """The rules built on the round's download positions (the download must then carry every position of M)."""
+
+SERVER_CHOSEN = ("server",)
+"""The rules whose extra entries the server picks from what only it knows and sends in the download (a client
+takes the download's positions as they come)."""
 
 HEAD_MARK = "modules_to_save"
 """What marks a classifier head's tensors in the adapter's names (peft's trainable copies of whole modules)."""
@@ -83,6 +88,22 @@ def fill_random(fixed: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     return out
 
 
+def fill_scored(fixed: torch.Tensor, k: int, scores: torch.Tensor | None, seed: int) -> torch.Tensor:
+    """``fixed`` (boolean) plus the positions of largest ``|scores|`` outside it, up to ``k`` in all; equal scores
+    (all of them when ``scores`` is None, before the server has any) go in the seeded order of ``seed``."""
+    out = fixed.clone()
+    need = k - int(fixed.sum())
+    if need > 0:
+        order = random_order(fixed.numel(), seed)
+        order = order[~fixed[order]]
+        if scores is not None:
+            if scores.shape != fixed.shape:
+                raise ValueError(f"scores must have {fixed.numel()} entries, got {tuple(scores.shape)}")
+            order = order[torch.argsort(-scores.detach().abs().to(torch.float32)[order], stable=True)]
+        out[order[:need]] = True
+    return out
+
+
 def shared_support(rule: str, n: int, density: float, *, seed: int, download: torch.Tensor | None = None,
                    head: torch.Tensor | None = None) -> torch.Tensor:
     """The boolean support S (N entries) of a shared-support rule.
@@ -116,5 +137,5 @@ def support_indices(mask: torch.Tensor) -> torch.Tensor:
     return torch.nonzero(mask.reshape(-1), as_tuple=False).reshape(-1).to(torch.int64)
 
 
-__all__ = ["FILLED", "HEAD_MARK", "SHARED_SUPPORTS", "USES_DOWNLOAD", "UP_SUPPORTS", "fill_random", "head_mask",
-           "is_shared", "one_for_all", "random_order", "shared_support", "support_indices"]
+__all__ = ["FILLED", "HEAD_MARK", "SERVER_CHOSEN", "SHARED_SUPPORTS", "USES_DOWNLOAD", "UP_SUPPORTS", "fill_random",
+           "fill_scored", "head_mask", "is_shared", "one_for_all", "random_order", "shared_support", "support_indices"]

@@ -22,11 +22,11 @@ from cellm.core.ledger import Ledger
 from cellm.core.schedule import density_at
 from cellm.core.server_opt import ServerOptSpec, server_step
 from cellm.core.sparse import SparseVector
-from cellm.core.support import USES_DOWNLOAD, one_for_all
+from cellm.core.support import SERVER_CHOSEN, USES_DOWNLOAD, fill_scored, one_for_all
 from cellm.core.topk import num_kept, topk_mask
 from cellm.federated.messages import ClientReply, ClientTask, task_support, vector_digest
 from cellm.federated.secure import quant_spec
-from cellm.federated.seeds import DP_NOISE, derive, sample_clients
+from cellm.federated.seeds import DP_NOISE, derive, sample_clients, support_seed
 
 
 def codec_spec(cfg: CellmConfig, direction: str) -> CodecSpec:
@@ -171,15 +171,43 @@ def model_weights(state: ServerState, cfg: CellmConfig, round_: int) -> torch.Te
     return masked_weights(state, cfg, round_)
 
 
+def server_scores(state: ServerState) -> torch.Tensor | None:
+    """What the server knows of where updates land: its optimizer's first moment (Adam's exp_avg, SGD's momentum
+    buffer), an average of the last rounds' aggregates; None before the first step or without momentum."""
+    st = (state.opt_state or {}).get("state", {})
+    entry = st.get(0) if isinstance(st, dict) else None
+    for key in ("exp_avg", "momentum_buffer"):
+        if isinstance(entry, dict) and isinstance(entry.get(key), torch.Tensor) and entry[key].numel() == state.w.numel():
+            return entry[key]
+    return None
+
+
+def server_support(state: ServerState, cfg: CellmConfig, round_: int, mask: torch.Tensor, d_up: float,
+                   head: torch.Tensor | None = None, support: torch.Tensor | None = None) -> torch.Tensor:
+    """comm.up_support = 'server': the download mask M plus the entries of largest |first moment| outside it (and
+    outside the head, which the clients add themselves), up to ``d_up`` of the vector in all; ties and a server
+    without moments yet in the round's seeded order. The result is the download's support: the extra entries
+    travel (positions and values) in the download, so what announces them is counted in the download bytes."""
+    fixed = mask | head if (head is not None and cfg.comm.up_support_head) else mask  # in S whatever is chosen
+    blocked = fixed if support is None else fixed | ~support  # a rank tier: never choose what it cannot train
+    k = num_kept(state.w.numel(), d_up) + int(blocked.sum()) - int(fixed.sum())
+    grown = fill_scored(blocked, k, server_scores(state), support_seed(cfg.seed, round_))
+    return mask | (grown & ~blocked)
+
+
 def weights_download(state: ServerState, cfg: CellmConfig, round_: int, d_down: float, spec: CodecSpec,
-                     support: torch.Tensor | None = None) -> tuple[bytes, int, torch.Tensor | None]:
+                     support: torch.Tensor | None = None, d_up: float = 1.0,
+                     head: torch.Tensor | None = None) -> tuple[bytes, int, torch.Tensor | None]:
     """(payload, nonzeros sent, mask M or None when dense) of a weights-mode download: M * (w - ref) at the mask's positions.
 
     Without client_freeze, entries equal to ref carry nothing and are left out (round 1 of an init-relative
     run sends no value at all). With client_freeze, or an upload support built on the download's positions
-    (comm.up_support), the client needs M itself, so every position of M is sent.
+    (comm.up_support), the client needs M itself, so every position of M is sent. comm.up_support = 'server'
+    grows M by the server's choice (:func:`server_support`, ``d_up``, ``head``) before it is sent.
     """
     mask = download_mask(state, cfg, round_, d_down, support)
+    if cfg.comm.up_support in SERVER_CHOSEN and mask is not None:
+        mask = server_support(state, cfg, round_, mask, d_up, head, support)
     diff = start_from(state, cfg, mask, support) - reference(state, cfg, support)
     if (cfg.comm.client_freeze or cfg.comm.up_support in USES_DOWNLOAD) and mask is not None:
         payload, received = roundtrip(SparseVector.from_mask(diff, mask), spec)
@@ -243,7 +271,7 @@ def plan_round(state: ServerState, cfg: CellmConfig, supports: dict[int, torch.T
             mask = positions if (masked and cfg.comm.client_freeze) else None
         else:
             if tier not in shared:
-                shared[tier] = weights_download(state, cfg, t, cd_down, spec_down, support)
+                shared[tier] = weights_download(state, cfg, t, cd_down, spec_down, support, cd_up, head)
             payload, nnz, mask = shared[tier]
             masked, positions = mask is not None, mask
         allowed = mask if (cfg.comm.client_freeze and mask is not None) else support
