@@ -22,7 +22,12 @@ scalars (codec_up.<field> for the codec; a value shared by all clients once, one
 with clients), config-digest, checkpoint-round: the round the server's last checkpoint holds} and
 ``cellm.downloads`` = ArrayRecord{"<client id>": payload}. Reply: ``cellm.replies`` = ConfigRecord{clients,
 round, num_examples, train_loss, nonzeros, extra.<key> (``ClientReply.extra``), packed the same way} and
-``cellm.uploads`` = ArrayRecord{"<client id>": payload}.
+``cellm.uploads`` = ArrayRecord{"<client id>": payload}. Under secure aggregation each task also carries
+``secagg_routed`` (the shares routed to its client, a list of bytes aligned with clients) and its ring
+(``ring_bits``, ``ring_clip``, ``ring_clients``), and each upload is the client's masked vector.
+
+``query.secagg_advertise``, ``query.secagg_share``, ``query.secagg_unmask`` (secure aggregation, one per node and
+stage of a round, for every sampled client the node serves): ``cellm.secagg``, see the section below.
 
 Validation
 ----------
@@ -48,6 +53,23 @@ from typing import Any
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from cellm.core.codec import HARD_MAX_N, CodecSpec
+from cellm.core.secagg import SecAggError, SecAggParams
+from cellm.core.secagg.params import MAX_LENGTH
+from cellm.core.secagg.quantize import MAX_CLIENTS as SECAGG_MAX_CLIENTS
+from cellm.core.secagg.wire import (
+    ShareKind,
+    advertise_size,
+    keys_size,
+    parse_advertise,
+    parse_keys,
+    parse_shares,
+    parse_unmask,
+    parse_unmask_request,
+    routed_size,
+    shares_size,
+    unmask_request_size,
+    unmask_size,
+)
 from cellm.core.support import UP_SUPPORTS
 from cellm.federated.messages import ClientReply, ClientTask
 
@@ -60,6 +82,9 @@ CLIENTS = "clients"
 CONFIG_DIGEST, CHECKPOINT_ROUND, RUN_ID = "config-digest", "checkpoint-round", "run-id"
 NOT_SET_UP = "train message before the run's setup message"  # a node that lost its setup (restarted) says so
 STATE_CONFIG = "cellm.config"  # context.state key of the node's cellm config (set by the setup message)
+STATE_SECAGG = "cellm.secagg-state"  # context.state key of the node's clients' secure-aggregation states (secret)
+ROUTED = "secagg_routed"  # a train message's field: each client's routed shares (secure aggregation), as bytes
+_NOT_SCALARS = ("download", "client", "secagg_routed")  # task fields that do not travel as generic scalars
 _SCALARS = (bool, int, float, str)
 MAX_ROUND = 2**31 - 1  # rounds and ranks: far above any run, and an int32 everywhere
 MAX_CLIENTS = 1 << 20  # client ids (and so clients in one message) when the run's count is not known
@@ -201,7 +226,7 @@ def _task_row(task: ClientTask) -> dict[str, Any]:
     row: dict[str, Any] = {}
     for f in dataclasses.fields(ClientTask):
         value = getattr(task, f.name)
-        if f.name in ("download", "client"):  # the payload travels as an array; the id is in "clients"
+        if f.name in _NOT_SCALARS:  # the payloads travel apart; the id is in "clients"
             continue
         if isinstance(value, CodecSpec):
             for g in dataclasses.fields(CodecSpec):
@@ -235,6 +260,8 @@ def task_content(tasks: ClientTask | list[ClientTask], digest: str, checkpoint_r
     _pack(rows, rec, "ClientTask")
     rec[CONFIG_DIGEST] = digest
     rec[CHECKPOINT_ROUND] = int(checkpoint_round)
+    if any(t.secagg_routed for t in tasks):  # secure aggregation: the shares routed to each client, as bytes
+        rec[ROUTED] = [bytes(t.secagg_routed) for t in tasks]
     arrays = ArrayRecord({str(t.client): payload_array(t.download) for t in tasks})
     return RecordDict({TASKS: rec, DOWNLOADS: arrays})
 
@@ -273,7 +300,13 @@ _TASK_KEYS = frozenset(
     [f"{f.name}.{g.name}" for f in dataclasses.fields(ClientTask) if _TASK_TYPES[f.name] is CodecSpec
      for g in dataclasses.fields(CodecSpec)]
     + [f.name for f in dataclasses.fields(ClientTask)
-       if f.name not in ("download", "client") and _TASK_TYPES[f.name] is not CodecSpec])
+       if f.name not in _NOT_SCALARS and _TASK_TYPES[f.name] is not CodecSpec])
+
+
+def max_routed_bytes(ring_clients: int) -> int:
+    """The most bytes a task's ``secagg_routed`` can take in a round of at most ``ring_clients`` clients (the
+    shares of every other client); 0 without secure aggregation."""
+    return routed_size(ring_clients - 1) if ring_clients >= 2 else 0
 
 
 def _typed(value: Any, kind: Any, what: str) -> Any:
@@ -303,6 +336,7 @@ def _check_task(task: ClientTask) -> None:
     if task.download_mode not in ("weights", "delta"):
         raise ProtocolError(f"{what} download_mode must be 'weights' or 'delta', got {_show(task.download_mode)}")
     _int(task.support_rank, f"{what} support_rank", 0, MAX_ROUND)
+    _check_ring(task, what)
     _int(task.stage, f"{what} stage", 0, 2)
     if task.up_support not in UP_SUPPORTS:
         raise ProtocolError(f"{what} up_support must be one of {', '.join(UP_SUPPORTS)}, got {_show(task.up_support)}")
@@ -317,25 +351,49 @@ def _check_task(task: ClientTask) -> None:
         raise ProtocolError(f"{what} {exc}") from None
 
 
+def _check_ring(task: ClientTask, what: str) -> None:
+    """Secure aggregation's fields: all off, or a ring every client of the round can share (its values are checked
+    against the node's own config by the node) and routed shares no larger than such a round's."""
+    if task.ring_bits == 0:
+        if task.ring_clip != 0 or task.ring_clients != 0 or task.secagg_routed:
+            raise ProtocolError(f"{what} ring_clip, ring_clients and secagg_routed must be unset when ring_bits "
+                                f"is 0, got {_show(task.ring_clip)}, {_show(task.ring_clients)} and "
+                                f"{len(task.secagg_routed)} bytes")
+        return
+    _int(task.ring_bits, f"{what} ring_bits", 2, 32)
+    _float(task.ring_clip, f"{what} ring_clip", 0.0, math.inf)
+    if task.ring_clip <= 0:
+        raise ProtocolError(f"{what} ring_clip must be > 0 with ring_bits set, got {_show(task.ring_clip)}")
+    _int(task.ring_clients, f"{what} ring_clients", 2, SECAGG_MAX_CLIENTS)
+    if task.up_support == "topk":
+        raise ProtocolError(f"{what} secure aggregation (ring_bits) needs a shared up_support, got 'topk'")
+    limit = max_routed_bytes(task.ring_clients)
+    if not 0 < len(task.secagg_routed) <= limit:
+        raise ProtocolError(f"{what} secagg_routed has {len(task.secagg_routed)} bytes; a round of at most "
+                            f"{task.ring_clients} clients routes 1 to {limit}")
+
+
 def read_tasks(content: RecordDict, max_payload: int | None = None) -> tuple[list[ClientTask], str, int]:
     """(tasks, config digest, the round of the server's last checkpoint) from a train message; every field is
     checked (type and range; ``max_payload`` bounds each download's bytes)."""
     if TASKS not in content.config_records:
         raise ProtocolError(f"train message has no '{TASKS}' record (records: {sorted(content.keys())})")
     rec = content.config_records[TASKS]
-    unknown = sorted(k for k in rec if k not in _TASK_KEYS and k not in (CLIENTS, CONFIG_DIGEST, CHECKPOINT_ROUND))
+    unknown = sorted(k for k in rec if k not in _TASK_KEYS and k not in (CLIENTS, CONFIG_DIGEST, CHECKPOINT_ROUND,
+                                                                         ROUTED))
     if unknown:
         raise ProtocolError(f"train message has fields this node does not know: {_show(unknown)} (the server runs "
                             "another version of cellm)")
     clients = _clients(rec, "train message")
     payloads = _payloads(content, DOWNLOADS, clients, "train message", max_payload)
-    rows = _unpack(rec, len(clients), (CLIENTS, CONFIG_DIGEST, CHECKPOINT_ROUND))
+    routed = _routed(rec.get(ROUTED, None), len(clients))
+    rows = _unpack(rec, len(clients), (CLIENTS, CONFIG_DIGEST, CHECKPOINT_ROUND, ROUTED))
     tasks = []
-    for c, row in zip(clients, rows, strict=True):
-        kwargs: dict[str, Any] = {"download": payloads[c], "client": c}
+    for c, row, shares in zip(clients, rows, routed, strict=True):
+        kwargs: dict[str, Any] = {"download": payloads[c], "client": c, "secagg_routed": shares}
         for f in dataclasses.fields(ClientTask):
             kind = _TASK_TYPES[f.name]
-            if f.name in ("download", "client"):
+            if f.name in _NOT_SCALARS:
                 continue
             if kind is CodecSpec:
                 prefix = f"{f.name}."
@@ -356,6 +414,19 @@ def read_tasks(content: RecordDict, max_payload: int | None = None) -> tuple[lis
     first = min(t.round for t in tasks)
     checkpoint_round = _int(rec.get(CHECKPOINT_ROUND, 0), f"train message: {CHECKPOINT_ROUND}", 0, first - 1)
     return tasks, digest, checkpoint_round
+
+
+def _routed(value: Any, n: int) -> list[bytes]:
+    """The train message's ``secagg_routed``: absent (no secure aggregation), or one bytes a client, each bounded
+    by the largest a round can route (a task's own bound is checked with its ring_clients)."""
+    if value is None:
+        return [b""] * n
+    most = max_routed_bytes(SECAGG_MAX_CLIENTS)
+    if (not isinstance(value, list) or len(value) != n
+            or not all(isinstance(v, bytes) and len(v) <= most for v in value)):
+        raise ProtocolError(f"train message: {ROUTED} must be a list of {n} byte strings of at most {most} bytes, "
+                            f"got {_show(value)}")
+    return value
 
 
 # ------------------------------------------------------------------ replies
@@ -410,6 +481,169 @@ def read_replies(content: RecordDict, *, num_clients: int | None = None,
                             nonzeros=_int(row["nonzeros"], f"{what} nonzeros", 0, max_k), extra=extra)
         out.append((c, _int(row["round"], f"{what} round", 1, MAX_ROUND), reply))
     return out
+
+
+# ------------------------------------------------------------------ secure aggregation's stages
+#
+# One query message a stage and node, for every sampled client the node serves: ``cellm.secagg`` =
+# ConfigRecord{stage, round, round-clients: the round's sampled ids (sorted), length: |S|, params-digest: the
+# hex digest of the round's SecAggParams, config-digest, clients: [the node's ids], payloads: [bytes] aligned with
+# clients (absent in "advertise")}. The node rebuilds the round's parameters from its own config and these public
+# fields and refuses the message unless the digests match. Reply: ``cellm.secagg`` = ConfigRecord{stage, round,
+# clients, payloads}. The payloads are SecAgg+ messages (:mod:`cellm.core.secagg.wire`): each is checked against
+# the round's parameters and what its client was sent (:func:`read_secagg_part`) before the protocol uses it.
+
+SECAGG = "cellm.secagg"
+SECAGG_STAGES = ("advertise", "share", "unmask")
+SECAGG_TYPES = {s: f"query.secagg_{s}" for s in SECAGG_STAGES}  # message type of each stage
+STAGE, ROUND, ROUND_CLIENTS, LENGTH, PARAMS_DIGEST, PAYLOADS = (
+    "stage", "round", "round-clients", "length", "params-digest", "payloads")
+_QUERY_KEYS = frozenset({STAGE, ROUND, ROUND_CLIENTS, LENGTH, PARAMS_DIGEST, CONFIG_DIGEST, CLIENTS, PAYLOADS})
+_REPLY_KEYS_SECAGG = frozenset({STAGE, ROUND, CLIENTS, PAYLOADS})
+
+
+@dataclasses.dataclass(frozen=True)
+class SecAggQuery:
+    """A stage message as a node reads it: the round's public fields and the node's clients' inputs."""
+
+    stage: str
+    round: int
+    round_clients: list[int]
+    length: int
+    params_digest: str
+    config_digest: str
+    parts: dict[int, bytes]  # the node's client -> its input (empty in "advertise")
+
+
+def secagg_content(stage: str, round_: int, params: SecAggParams, digest: str,
+                   parts: dict[int, bytes]) -> RecordDict:
+    """A stage message for one node: the round's public parameters and, by client, what the protocol sends it."""
+    if stage not in SECAGG_STAGES or not parts:
+        raise ValueError(f"a secagg message needs a stage of {SECAGG_STAGES} and clients, got {stage!r}")
+    clients = sorted(parts)
+    rec = ConfigRecord({STAGE: stage, ROUND: int(round_), ROUND_CLIENTS: [int(c) for c in params.client_ids],
+                        LENGTH: int(params.length), PARAMS_DIGEST: params.digest.hex(), CONFIG_DIGEST: digest,
+                        CLIENTS: [int(c) for c in clients]})
+    if stage != "advertise":
+        rec[PAYLOADS] = [bytes(parts[c]) for c in clients]
+    return RecordDict({SECAGG: rec})
+
+
+def _secagg_record(content: RecordDict, what: str, keys: frozenset[str], required: frozenset[str]) -> ConfigRecord:
+    if SECAGG not in content.config_records:
+        raise ProtocolError(f"{what} has no '{SECAGG}' record (records: {_show(sorted(content.keys()))})")
+    rec = content.config_records[SECAGG]
+    unknown, missing = sorted(k for k in rec if k not in keys), sorted(required - set(rec))
+    if unknown or missing:
+        raise ProtocolError(f"{what}: unknown fields {_show(unknown)}, missing fields {missing}")
+    return rec
+
+
+def _blobs(value: Any, n: int, most: int, what: str) -> list[bytes]:
+    """``payloads``: n byte strings (aligned with the clients), each of 1 to ``most`` bytes."""
+    if (not isinstance(value, list) or len(value) != n
+            or not all(isinstance(v, bytes) and 0 < len(v) <= most for v in value)):
+        raise ProtocolError(f"{what}: '{PAYLOADS}' must be a list of {n} byte strings of 1 to {most} bytes, "
+                            f"got {_show(value)}")
+    return value
+
+
+def read_secagg_query(content: RecordDict, stage: str) -> SecAggQuery:
+    """A stage message (on the node), every field checked: the stage its type says, the round, the round's
+    sampled clients (2 to the most a ring allows, increasing), |S|, the digests, the node's clients (among the
+    round's), and inputs no larger than the stage's message for a round of that many clients."""
+    what = f"secagg {stage} message"
+    required = _QUERY_KEYS - {PAYLOADS} if stage == "advertise" else _QUERY_KEYS
+    rec = _secagg_record(content, what, required, required)
+    if rec[STAGE] != stage:
+        raise ProtocolError(f"{what}: its '{STAGE}' field says {_show(rec[STAGE])}")
+    round_ = _int(rec[ROUND], f"{what}: {ROUND}", 1, MAX_ROUND)
+    everyone = rec[ROUND_CLIENTS]
+    if (not isinstance(everyone, list) or not 2 <= len(everyone) <= SECAGG_MAX_CLIENTS
+            or not all(_is_int(c) and 0 <= c < MAX_CLIENTS for c in everyone)
+            or any(a >= b for a, b in zip(everyone, everyone[1:], strict=False))):
+        raise ProtocolError(f"{what}: '{ROUND_CLIENTS}' must be 2 to {SECAGG_MAX_CLIENTS} increasing client ids "
+                            f"in [0, {MAX_CLIENTS}), got {_show(everyone)}")
+    length = _int(rec[LENGTH], f"{what}: {LENGTH}", 1, MAX_LENGTH)
+    for key, digits in ((PARAMS_DIGEST, 32), (CONFIG_DIGEST, 64)):
+        if not isinstance(rec[key], str) or not re.fullmatch(f"[0-9a-f]{{{digits}}}", rec[key]):
+            raise ProtocolError(f"{what}: '{key}' must be {digits} lowercase hex digits, got {_show(rec[key])}")
+    clients = _clients(rec, what)
+    strangers = sorted(set(clients) - set(everyone))
+    if strangers:
+        raise ProtocolError(f"{what}: clients {_show(strangers)} are not among the round's {_show(everyone)}")
+    n = len(everyone)
+    if stage == "advertise":
+        parts = {c: b"" for c in clients}
+    else:
+        most = keys_size(n - 1) if stage == "share" else unmask_request_size(n - 1, 0)
+        parts = dict(zip(clients, _blobs(rec[PAYLOADS], len(clients), most, what), strict=True))
+    return SecAggQuery(stage, round_, list(everyone), length, rec[PARAMS_DIGEST], rec[CONFIG_DIGEST], parts)
+
+
+def secagg_reply_content(stage: str, round_: int, parts: dict[int, bytes]) -> RecordDict:
+    """A node's answer to a stage message: each of its clients' SecAgg+ message."""
+    if not parts:
+        raise ValueError("a secagg reply needs at least one client's message")
+    clients = sorted(parts)
+    return RecordDict({SECAGG: ConfigRecord({STAGE: stage, ROUND: int(round_), CLIENTS: [int(c) for c in clients],
+                                             PAYLOADS: [bytes(parts[c]) for c in clients]})})
+
+
+def secagg_reply_max_bytes(stage: str, params: SecAggParams) -> int:
+    """The size of a client's answer at ``stage`` in this round (the protocol's messages have fixed sizes)."""
+    return {"advertise": advertise_size(), "share": shares_size(params.degree),
+            "unmask": unmask_size(params.degree + 1)}[stage]
+
+
+def read_secagg_reply(content: RecordDict, stage: str, round_: int, params: SecAggParams) -> dict[int, bytes]:
+    """A node's answer to a stage message (on the server): the stage and round it was asked, distinct client ids
+    among the round's, one message each of at most the stage's size. Whose clients they are is the strategy's to
+    check, and each message's content :func:`read_secagg_part`'s."""
+    what = f"secagg {stage} reply"
+    rec = _secagg_record(content, what, _REPLY_KEYS_SECAGG, _REPLY_KEYS_SECAGG)
+    if rec[STAGE] != stage:
+        raise ProtocolError(f"{what}: its '{STAGE}' field says {_show(rec[STAGE])}")
+    if rec[ROUND] != round_ or not _is_int(rec[ROUND]):
+        raise ProtocolError(f"{what}: for round {_show(rec[ROUND])}, not this round ({round_})")
+    clients = _clients(rec, what)
+    strangers = sorted(set(clients) - params.id_set)
+    if strangers:
+        raise ProtocolError(f"{what}: clients {_show(strangers)} are not sampled in round {round_}")
+    blobs = _blobs(rec[PAYLOADS], len(clients), secagg_reply_max_bytes(stage, params), what)
+    return dict(zip(clients, blobs, strict=True))
+
+
+def read_secagg_part(params: SecAggParams, stage: str, client: int, part: bytes, sent: bytes) -> bytes:
+    """One client's SecAgg+ message at ``stage``, checked on its own before the protocol uses it: well formed for
+    this round, sent by ``client``, and answering what it was ``sent`` (the shares go to exactly the neighbours
+    whose keys it got; the unmasking holds exactly the shares asked). ProtocolError otherwise, so that a bad one
+    drops its client, not the round."""
+    what = f"secagg {stage} reply, client {client}:"
+    try:
+        if stage == "advertise":
+            m = parse_advertise(params, part)
+            if m.enc_pk == m.mask_pk:
+                raise SecAggError("its two public keys are the same")
+        elif stage == "share":
+            m = parse_shares(params, part)
+            peers = tuple(j for j, _, _ in parse_keys(params, sent).peers)
+            if tuple(j for j, _ in m.ciphertexts) != peers:
+                raise SecAggError("its shares are not addressed to exactly the neighbours whose keys it was sent")
+        elif stage == "unmask":
+            m = parse_unmask(params, part)
+            asked = parse_unmask_request(params, sent)
+            expected = sorted([(j, ShareKind.SEED) for j in (*asked.survivors, client)]
+                              + [(j, ShareKind.MASK_KEY) for j in asked.dropped])
+            if [(o, w) for o, w, _ in m.shares] != expected:
+                raise SecAggError("its shares are not the ones asked for")
+        else:
+            raise SecAggError(f"no stage {stage!r}")
+    except SecAggError as exc:
+        raise ProtocolError(f"{what} {exc}") from None
+    if m.sender != client:
+        raise ProtocolError(f"{what} it names client {m.sender} as its sender")
+    return part
 
 
 # ------------------------------------------------------------------ node -> cellm clients

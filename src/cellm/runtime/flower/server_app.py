@@ -18,7 +18,8 @@ cellm config inline, what ``cellm flower run`` sends), or ``config`` (a TOML pat
 ``preset``, plus ``set`` (``;``-separated key=value overrides); ``out`` (run folder on the SuperLink machine; ""
 = runs/<model>-<data>-<time> under the ServerApp's working directory; "-" = none); ``resume`` (true: continue the
 run in ``out`` from its checkpoint, with the config recorded there; no config keys then); ``node-wait-s`` (how long
-to wait until every cellm client is served by a connected node); ``round-timeout-s``.
+to wait until every cellm client is served by a connected node); ``round-timeout-s``; ``secagg-timeout-s`` (how
+long a secure-aggregation stage waits for the nodes' answers).
 
 Checkpoints and resume: the ServerApp writes the same atomic checkpoint as ``cellm run`` (every
 ``run.checkpoint_every`` rounds) into the run folder. The clients' own state (error-feedback residuals, delta-mode
@@ -32,6 +33,15 @@ doubling back-off. A train reply is used only from the node its message went to,
 every field checked (:mod:`cellm.runtime.flower.protocol`). Whatever is refused is logged and counted in the
 round's metrics row (``refused``: messages or uploads; a client whose reply was refused counts as ``rejected``),
 and never reaches the model.
+
+Secure aggregation (``secagg.enabled``): the round of :func:`cellm.runtime.driver.play_secure_round`, with each
+SecAgg+ stage (advertise keys, share them, unmask) as one query message per node holding its sampled clients'
+parts and the round's public parameters, which the node checks against its own config; the shares routed to a
+client travel in its task. A stage answer is used only from the node its message went to, for that stage and
+round, once, and each client's part only if it is a well-formed message of that client answering what it was
+sent (:func:`cellm.runtime.flower.protocol.read_secagg_part`); anything else is refused and counted, and its client
+treated as dropped, which the protocol recovers. The stage messages' Flower bytes are in the round's transport
+columns.
 """
 
 from __future__ import annotations
@@ -49,7 +59,10 @@ from flwr.app import Context, Message, MessageType
 from flwr.serverapp import Grid, ServerApp
 
 from cellm.config import CellmConfig, load_config
+from cellm.core.secagg import SecAggParams
+from cellm.core.secagg.wire import parse_advertise
 from cellm.errors import ConfigError
+from cellm.federated import secure
 from cellm.federated.server import RoundPlan
 from cellm.runtime.checkpoint import new_run_id
 from cellm.runtime.flower import protocol as P
@@ -69,6 +82,7 @@ class DriverOptions:
     reply_poll_s: float = 0.25  # between looks for replies (Flower's own send_and_receive looks every 3 s)
     setup_retry_s: float = 5.0  # a node whose setup failed or was refused is asked again after this, doubling
     setup_retry_max_s: float = 300.0  # ... up to this
+    secagg_timeout_s: float = 600.0  # secure aggregation: a node that has not answered a stage by then drops out
 
 
 class CellmStrategy:
@@ -94,6 +108,11 @@ class CellmStrategy:
         self.vector_size: Callable[[], int] | None = None  # the trained vector's entries (bounds an upload)
         self.clock: Callable[[], float] = time.monotonic  # when a refused node is asked again
         self.last_sent: dict[str, int] = {}  # the messages last pushed: id -> node
+        self.last_round = checkpoint_round  # the last round whose clients ran (finds a secure round's number)
+        self.secure_params: SecAggParams | None = None  # secure aggregation: the current round's parameters
+        self.secure_round = 0  # ... and its number
+        self.secure_transport = (0, 0)  # ... and the (down, up) Flower bytes of its stage messages so far
+        self.secure_refused: set[int] = set()  # ... and the clients whose stage answer was refused (dropped)
 
     # -------------------------------------------------------------- nodes
 
@@ -289,6 +308,7 @@ class CellmStrategy:
     def on_row(self, row: dict[str, Any]) -> None:
         """Count the refusals since the last row (messages or parts from nodes the server did not use)."""
         row["refused"] = self.take_refused()
+        self.last_round = max(self.last_round, int(row["round"]))
         if row["round"] > 0:
             row["rejected"] = row.get("rejected", 0) + len(self.refused_clients)  # as a bad upload is
             loss = row.get("train_loss")
@@ -340,8 +360,125 @@ class CellmStrategy:
         messages = self.configure_train(plan, self.grid, arrived)
         sent_to = {c: m.metadata.dst_node_id for m in messages for c in m.content.config_records[P.TASKS][P.CLIENTS]}
         replies = self.send_and_receive(messages, self.options.round_timeout_s)
+        self.last_round = plan.round
         self.transport = (sum(P.transport_size(m) for m in messages), sum(P.transport_size(r) for r in replies))
-        return self.collect(plan, replies, arrived, sent_to, self.last_sent)
+        got, lost = self.collect(plan, replies, arrived, sent_to, self.last_sent)
+        if self.secure_params is not None and self.secure_round == plan.round:  # the stages' messages so far
+            self.transport = _add(self.transport, self.secure_transport)
+            self.refused_clients = sorted(set(self.refused_clients) | self.secure_refused)
+        return got, lost
+
+    # -------------------------------------------------------------- secure aggregation's stages
+
+    def secure_advertise(self, params: SecAggParams, clients: list[int]) -> dict[int, bytes]:
+        """Stage 1: each node makes fresh keys for its sampled clients; returns their public keys by client.
+
+        Every stage sends one query message per node with its clients' part and the round's public parameters
+        (round, sampled clients, |S|); the node rebuilds the parameters from its own config and refuses them if
+        they differ. A client whose answer is missing, malformed or not its own is dropped from the round (the
+        protocol recovers dropped clients); a malformed one is logged and counted (``refused``)."""
+        self.secure_round = self._secure_round_of(params)
+        self.secure_params, self.secure_transport, self.secure_refused = params, (0, 0), set()
+        ads = self._secure_stage("advertise", {c: b"" for c in clients})
+        keys: dict[bytes, list[int]] = {}
+        for c, msg in ads.items():
+            ad = parse_advertise(params, msg)
+            for k in (ad.enc_pk, ad.mask_pk):
+                keys.setdefault(k, []).append(c)
+        for owners in keys.values():  # a key two clients claim belongs to neither (the protocol refuses copies)
+            for c in owners if len(owners) > 1 else []:
+                if ads.pop(c, None) is not None:
+                    self._refuse(f"round {self.secure_round}: secagg advertise reply, client {c}: a public key "
+                                 f"another client of the round also advertised ({sorted(owners)})")
+                    self.secure_refused.add(c)
+        return ads
+
+    def secure_share(self, keys: dict[int, bytes]) -> dict[int, bytes]:
+        """Stage 2: each client's shares, encrypted to the neighbours whose keys it was sent."""
+        return self._secure_stage("share", keys)
+
+    def secure_unmask(self, requests: dict[int, bytes]) -> dict[int, bytes]:
+        """Stage 4: each asked client's shares that remove the round's masks; ``self.transport`` then holds every
+        message of the round (stages and train)."""
+        before = self.secure_transport
+        answers = self._secure_stage("unmask", requests)
+        self.transport = _add(self.transport or (0, 0), (self.secure_transport[0] - before[0],
+                                                         self.secure_transport[1] - before[1]))
+        return answers
+
+    def _secure_round_of(self, params: SecAggParams) -> int:
+        """The round ``params`` are for: the next one, else any of the run's (its session is the round's own),
+        checked by rebuilding the parameters from this server's config."""
+        for r in (self.last_round + 1, *range(1, self.cfg.rounds + 1)):
+            if secure.round_params(self.cfg, r, list(params.client_ids), params.length).digest == params.digest:
+                return r
+        raise RuntimeError("secure aggregation: the round's parameters match no round of this run's config")
+
+    def _secure_stage(self, stage: str, inputs: dict[int, bytes]) -> dict[int, bytes]:
+        """Send each node its clients' ``inputs`` for ``stage``; return the answers that pass every check, by
+        client. A reply counts only from the node its message went to, for this stage and round, once."""
+        params, round_ = self.secure_params, self.secure_round
+        assert params is not None, "secure_advertise starts a secure round"
+        per_node: dict[int, list[int]] = {}
+        for c in sorted(inputs):
+            node = self.client_node.get(c)
+            if node is None:
+                log.warning("round %d: secagg %s: client %d has no node now; it drops out", round_, stage, c)
+                continue
+            per_node.setdefault(node, []).append(c)
+        messages = [Message(P.secagg_content(stage, round_, params, self.digest, {c: inputs[c] for c in cs}),
+                            dst_node_id=n, message_type=P.SECAGG_TYPES[stage], group_id=str(round_))
+                    for n, cs in per_node.items()]
+        replies = self.send_and_receive(messages, self.options.secagg_timeout_s)
+        self.secure_transport = _add(self.secure_transport, (sum(P.transport_size(m) for m in messages),
+                                                             sum(P.transport_size(r) for r in replies)))
+        out: dict[int, bytes] = {}
+        answered: set[str] = set()
+        for msg in replies:
+            node, to = msg.metadata.src_node_id, msg.metadata.reply_to_message_id
+            if self.last_sent.get(to) != node or to in answered:
+                self._refuse(f"round {round_}: a secagg {stage} reply from node {node} to message {to[:16]!r}, "
+                             f"which {'it answered already' if to in answered else 'was not sent to it'}")
+                continue
+            answered.add(to)
+            mine = per_node[node]
+            if msg.has_error():
+                log.error("round %d: node %s failed the secagg %s stage: %s; its clients %s drop out", round_,
+                          node, stage, msg.error.reason, mine)
+                if P.NOT_SET_UP in msg.error.reason:
+                    self.asked.discard(node)
+                continue
+            try:
+                parts = P.read_secagg_reply(msg.content, stage, round_, params)
+            except P.ProtocolError as exc:
+                self._refuse(f"round {round_}: node {node}'s reply: {exc}")
+                self._secure_dropped(stage, mine)
+                continue
+            for c, part in parts.items():
+                if c not in mine:
+                    self._refuse(f"round {round_}: node {node}'s secagg {stage} reply for client {c}, which was "
+                                 "not sent to it")
+                    continue
+                try:
+                    out[c] = P.read_secagg_part(params, stage, c, part, inputs[c])
+                except P.ProtocolError as exc:
+                    self._refuse(f"round {round_}: node {node}'s {exc}")
+                    self._secure_dropped(stage, [c])
+            left_out = [c for c in mine if c not in parts]
+            if left_out:
+                self._refuse(f"round {round_}: node {node}'s secagg {stage} reply leaves out its clients {left_out}")
+                self._secure_dropped(stage, left_out)
+        silent = sorted(n for n in per_node if n not in {self.last_sent.get(m) for m in answered})
+        if silent:
+            log.warning("round %d: nodes %s did not answer the secagg %s stage; their clients drop out",
+                        round_, silent, stage)
+        return out
+
+    def _secure_dropped(self, stage: str, clients: list[int]) -> None:
+        """Clients whose answer was refused before they trained count as rejected in the round's row (after
+        training, the protocol still sums their masked vector: their neighbours' shares unmask it)."""
+        if stage != "unmask":
+            self.secure_refused.update(clients)
 
     def send_and_receive(self, messages: list[Message], timeout: float) -> list[Message]:
         """Push ``messages`` and pull their replies until all have come or ``timeout`` has passed;
@@ -374,6 +511,10 @@ class CellmStrategy:
         if len(replies) < len(msgs) or bad:
             log.warning("run finished, but %d of %d nodes did not confirm removing its client state (errors from %s)",
                         len(msgs) - len(replies) + len(bad), len(msgs), bad)
+
+
+def _add(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
+    return a[0] + b[0], a[1] + b[1]
 
 
 def _push(grid: Grid, messages: list[Message]) -> dict[str, int]:
@@ -446,7 +587,8 @@ def _resume_flag(run_config: dict[str, Any]) -> bool:
 
 def _options(run_config: dict[str, Any]) -> DriverOptions:
     return DriverOptions(node_wait_s=float(run_config.get("node-wait-s", 300)),
-                         round_timeout_s=float(run_config.get("round-timeout-s", 3600)))
+                         round_timeout_s=float(run_config.get("round-timeout-s", 3600)),
+                         secagg_timeout_s=float(run_config.get("secagg-timeout-s", 600)))
 
 
 def _log_summary(result) -> None:
