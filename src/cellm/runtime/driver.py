@@ -219,12 +219,18 @@ def play_secure_round(state: ServerState, cfg: CellmConfig, plan: RoundPlan, run
     params = secure.round_params(cfg, t, plan.clients, int(support.numel()))
     ads = runner.secure_advertise(params, plan.clients)
     secure.record(ledger, t, ads)
-    server_keys, keys = server_route_keys(params, ads)
-    secure.record(ledger, t, keys)
-    shares = runner.secure_share(keys)
-    secure.record(ledger, t, shares)
-    server_shares, routed = server_route_shares(server_keys, shares)
-    secure.record(ledger, t, routed)
+    try:
+        server_keys, keys = server_route_keys(params, ads)
+        secure.record(ledger, t, keys)
+        shares = runner.secure_share(keys)
+        secure.record(ledger, t, shares)
+        server_shares, routed = server_route_shares(server_keys, shares)
+        secure.record(ledger, t, routed)
+    except SecAggAbort as exc:  # too few clients answered before training: nobody trains, nothing moves
+        log.warning("round %d: secure aggregation aborted before training (%s); the model is unchanged", t, exc)
+        outcome = finish_secure_round(state, cfg, plan, {}, support, None, [], {}, missing)
+        outcome.overhead_s = plan_s + time.perf_counter() - t0
+        return outcome
     plan.tasks = {c: dataclasses.replace(task, secagg_routed=routed.get(c, b"")) for c, task in plan.tasks.items()}
     setup_s = time.perf_counter() - t0
     replies, lost = runner.run_clients(plan, [c for c in arrived if c in routed])
