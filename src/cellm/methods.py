@@ -23,6 +23,13 @@ def _relative(d: float, down: str, up: str, feedback: bool = True) -> Overrides:
                                          f"comm.codec_up={up}", f"comm.error_feedback_up={str(feedback).lower()}"]
 
 
+def _shared(rule: str, d_up: float, head: bool = False) -> Overrides:
+    """ir-ef-int4-1/16's download, uploads on a support every client of the round shares (values only, int4,
+    error feedback): what secure aggregation needs. Without positions, d_up = 1/8 costs about the bytes of 1/16."""
+    return lambda cfg: _relative(0.0625, "int4", "int4")(cfg) + [
+        f"comm.up_density={d_up}", f'comm.up_support="{rule}"', f"comm.up_support_head={str(head).lower()}"]
+
+
 def _slora(stage2: list[str]) -> Overrides:
     """SLoRA: stage 1 (a quarter of the rounds) trains a seeded 1% of the target matrices, then LoRA from its SVD."""
     return lambda cfg: [f"slora.stage1_rounds={max(1, cfg.rounds // 4)}", "slora.density=0.01", *stage2]
@@ -69,6 +76,11 @@ METHODS: dict[str, tuple[str, Overrides]] = {
     "ir-ef-int4-1/64": ("As ir-ef-int4-1/16 at d = 1/64.", _relative(0.015625, "int4", "int4")),
     "ir-ef-int4-int2-1/16": ("Init-relative int4 download, ternary (int2) upload with error feedback, d = 1/16.",
                              _relative(0.0625, "int4", "int2")),
+    "ir-ef-int4-random-1/8": ("As ir-ef-int4-1/16, uploads on a seeded random support of 1/8 shared by the round's "
+                              "clients (values only).", _shared("random", 0.125)),
+    "ir-ef-int4-dlr-head-1/8": ("As ir-ef-int4-1/16, uploads on the download's support topped up with a seeded random "
+                                "set to 1/8, plus the whole head, shared by the round's clients (values only).",
+                                _shared("download+random", 0.125, head=True)),
     "slora": ("SLoRA as published: a quarter of the rounds training a seeded 1% of the target matrices (fp32), "
               "then dense LoRA initialised from the SVD of that change.",
               _slora(["comm.down_density=1.0", "comm.up_density=1.0"])),
