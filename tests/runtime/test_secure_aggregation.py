@@ -120,3 +120,11 @@ def test_every_protocol_byte_is_in_the_ledger_and_the_upload_carries_no_position
 def test_what_secure_aggregation_rules_out_is_refused_at_load_naming_the_field(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         cellm.load_config(preset="tiny", overrides=[*SECURE, *override])
+
+
+def test_a_round_whose_clients_go_silent_before_training_leaves_the_model_unchanged(cache_dir, monkeypatch):
+    monkeypatch.setattr(embedded_mod.Simulator, "secure_share", lambda self, keys: {})  # nobody shares
+    result = cellm.run(_cfg(cache_dir, "rounds=2"), save=False)
+    rows = result.metrics[1:]
+    assert [r["applied"] for r in rows] == [False, False] and [r["accepted"] for r in rows] == [0, 0]
+    assert result.final_eval == result.initial_eval

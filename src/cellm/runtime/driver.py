@@ -250,9 +250,12 @@ def play_secure_round(state: ServerState, cfg: CellmConfig, plan: RoundPlan, run
         answers = runner.secure_unmask(requests)
         secure.record(ledger, t, answers)
         result = server_sum(server_masked, answers)
-        total, contributors = torch.from_numpy(result.dequantize()), list(result.contributors)
+        if result.contributors:
+            total, contributors = torch.from_numpy(result.dequantize()), list(result.contributors)
     except SecAggAbort as exc:
         log.warning("round %d: secure aggregation aborted (%s); the model is unchanged", t, exc)
+    except SecAggError as exc:  # e.g. a share that parses but rebuilds a wrong secret: refused, never guessed at
+        log.error("round %d: secure aggregation refused the round's unmasking (%s); the model is unchanged", t, exc)
     outcome = finish_secure_round(state, cfg, plan, replies, support, total, contributors, refused,
                                   {**missing, **lost})
     outcome.transport = getattr(runner, "transport", None)
