@@ -85,6 +85,24 @@ def test_every_upload_of_a_round_is_values_only_on_one_shared_support(cache_dir,
     assert support_shared_by_all(res.config)
 
 
+@pytest.mark.parametrize("extra", [['hetero.mode="density"', "hetero.num_tiers=2", "dp.noise_multiplier=0.5"],
+                                   ['hetero.mode="rank"', "hetero.num_tiers=2", 'comm.up_support="download+random"']])
+def test_tiers_and_dp_upload_on_each_tiers_own_shared_support(cache_dir, monkeypatch, extra):
+    rec = Recorder(monkeypatch)
+    res = cellm.run(_cfg(cache_dir, 'comm.up_support="random"', *IR_INT4, "rounds=2", "fl.clients_per_round=4",
+                         *extra), save=False)
+    assert not support_shared_by_all(res.config)
+    for plan, sent in zip(rec.plans, rec.replies, strict=True):
+        tiers = {c % 2 for c in plan.clients}
+        by_tier = {c % 2: plan.up_supports[c] for c in plan.clients}
+        assert all(torch.equal(plan.up_supports[c], by_tier[c % 2]) for c in plan.clients)
+        assert all(unpack(memoryview(sent[c]))[0].n == plan.up_supports[c].numel() for c in sent)
+        if len(tiers) == 2:  # the smaller tier's support is smaller (density) or inside its ranks (rank)
+            assert by_tier[0].numel() < by_tier[1].numel() and round_support(plan) is None
+    assert any(len({c % 2 for c in plan.clients}) == 2 for plan in rec.plans)
+    assert all(r["applied"] and r["rejected"] == 0 for r in res.metrics[1:])
+
+
 def test_a_download_support_is_the_rounds_download_mask_with_its_positions_sent(cache_dir, monkeypatch):
     rec = Recorder(monkeypatch)
     cellm.run(_cfg(cache_dir, 'comm.up_support="download"', *IR_INT4), save=False)
