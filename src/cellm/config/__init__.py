@@ -33,6 +33,6 @@ from cellm.config.validation import validate
 __all__ = [
     "PRESET_DIR", "VALUE_CODECS", "CellmConfig", "ClientConfig", "CommConfig", "DPConfig", "DataConfig",
     "EvalConfig", "FLConfig", "FaultsConfig", "HeteroConfig", "ModelConfig", "RobustConfig", "RunConfig",
-    "SLoRAConfig", "SecAggConfig", "ServerConfig", "describe_fields", "file_spec", "known_clients", "load_config", "merge",
-    "model_label", "preset_dict", "presets", "read_toml", "task_of", "validate", "with_clients",
+    "SLoRAConfig", "SecAggConfig", "ServerConfig", "describe_fields", "file_spec", "known_clients", "load_config",
+    "merge", "model_label", "preset_dict", "presets", "read_toml", "task_of", "validate", "with_clients",
 ]
