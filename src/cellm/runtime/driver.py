@@ -71,8 +71,8 @@ class ClientRunner(Protocol):
         ("failed" or "late"). Clients the simulated faults drop are not in ``arrived``. A runtime that wraps
         payloads in its own messages may set ``self.transport`` to the (down, up) bytes of the round's messages."""
 
-    def secure_advertise(self, params: SecAggParams, clients: list[int]) -> dict[int, bytes]:
-        """Secure aggregation only: stage 1 on ``clients`` (their public keys, by client)."""
+    def secure_advertise(self, round_: int, params: SecAggParams, clients: list[int]) -> dict[int, bytes]:
+        """Secure aggregation only: stage 1 of round ``round_`` on ``clients`` (their public keys, by client)."""
 
     def secure_share(self, keys: dict[int, bytes]) -> dict[int, bytes]:
         """Secure aggregation only: stage 2 (each client's encrypted shares, given its neighbours' keys)."""
@@ -217,7 +217,7 @@ def play_secure_round(state: ServerState, cfg: CellmConfig, plan: RoundPlan, run
         raise RuntimeError(f"round {t}: secure aggregation needs at least 2 clients, {len(plan.clients)} sampled")
     t0 = time.perf_counter()
     params = secure.round_params(cfg, t, plan.clients, int(support.numel()))
-    ads = runner.secure_advertise(params, plan.clients)
+    ads = runner.secure_advertise(t, params, plan.clients)
     secure.record(ledger, t, ads)
     try:
         server_keys, keys = server_route_keys(params, ads)

@@ -70,7 +70,7 @@ class Simulator:
     # secure aggregation's other stages: every client answers in process (simulated faults drop clients after
     # stage 2, as a client that fails mid-round would)
 
-    def secure_advertise(self, params: SecAggParams, clients: list[int]) -> dict[int, bytes]:
+    def secure_advertise(self, round_: int, params: SecAggParams, clients: list[int]) -> dict[int, bytes]:
         self.secure = {}
         return secure_advertise(params, clients, self.secure)
 

@@ -62,7 +62,6 @@ from cellm.config import CellmConfig, load_config
 from cellm.core.secagg import SecAggParams
 from cellm.core.secagg.wire import parse_advertise
 from cellm.errors import ConfigError
-from cellm.federated import secure
 from cellm.federated.server import RoundPlan
 from cellm.runtime.checkpoint import new_run_id
 from cellm.runtime.flower import protocol as P
@@ -108,7 +107,6 @@ class CellmStrategy:
         self.vector_size: Callable[[], int] | None = None  # the trained vector's entries (bounds an upload)
         self.clock: Callable[[], float] = time.monotonic  # when a refused node is asked again
         self.last_sent: dict[str, int] = {}  # the messages last pushed: id -> node
-        self.last_round = checkpoint_round  # the last round whose clients ran (finds a secure round's number)
         self.secure_params: SecAggParams | None = None  # secure aggregation: the current round's parameters
         self.secure_round = 0  # ... and its number
         self.secure_transport = (0, 0)  # ... and the (down, up) Flower bytes of its stage messages so far
@@ -308,7 +306,6 @@ class CellmStrategy:
     def on_row(self, row: dict[str, Any]) -> None:
         """Count the refusals since the last row (messages or parts from nodes the server did not use)."""
         row["refused"] = self.take_refused()
-        self.last_round = max(self.last_round, int(row["round"]))
         if row["round"] > 0:
             row["rejected"] = row.get("rejected", 0) + len(self.refused_clients)  # as a bad upload is
             loss = row.get("train_loss")
@@ -360,7 +357,6 @@ class CellmStrategy:
         messages = self.configure_train(plan, self.grid, arrived)
         sent_to = {c: m.metadata.dst_node_id for m in messages for c in m.content.config_records[P.TASKS][P.CLIENTS]}
         replies = self.send_and_receive(messages, self.options.round_timeout_s)
-        self.last_round = plan.round
         self.transport = (sum(P.transport_size(m) for m in messages), sum(P.transport_size(r) for r in replies))
         got, lost = self.collect(plan, replies, arrived, sent_to, self.last_sent)
         if self.secure_params is not None and self.secure_round == plan.round:  # the stages' messages so far
@@ -370,14 +366,14 @@ class CellmStrategy:
 
     # -------------------------------------------------------------- secure aggregation's stages
 
-    def secure_advertise(self, params: SecAggParams, clients: list[int]) -> dict[int, bytes]:
+    def secure_advertise(self, round_: int, params: SecAggParams, clients: list[int]) -> dict[int, bytes]:
         """Stage 1: each node makes fresh keys for its sampled clients; returns their public keys by client.
 
         Every stage sends one query message per node with its clients' part and the round's public parameters
         (round, sampled clients, |S|); the node rebuilds the parameters from its own config and refuses them if
         they differ. A client whose answer is missing, malformed or not its own is dropped from the round (the
         protocol recovers dropped clients); a malformed one is logged and counted (``refused``)."""
-        self.secure_round = self._secure_round_of(params)
+        self.secure_round = round_
         self.secure_params, self.secure_transport, self.secure_refused = params, (0, 0), set()
         ads = self._secure_stage("advertise", {c: b"" for c in clients})
         keys: dict[bytes, list[int]] = {}
@@ -405,14 +401,6 @@ class CellmStrategy:
         self.transport = _add(self.transport or (0, 0), (self.secure_transport[0] - before[0],
                                                          self.secure_transport[1] - before[1]))
         return answers
-
-    def _secure_round_of(self, params: SecAggParams) -> int:
-        """The round ``params`` are for: the next one, else any of the run's (its session is the round's own),
-        checked by rebuilding the parameters from this server's config."""
-        for r in (self.last_round + 1, *range(1, self.cfg.rounds + 1)):
-            if secure.round_params(self.cfg, r, list(params.client_ids), params.length).digest == params.digest:
-                return r
-        raise RuntimeError("secure aggregation: the round's parameters match no round of this run's config")
 
     def _secure_stage(self, stage: str, inputs: dict[int, bytes]) -> dict[int, bytes]:
         """Send each node its clients' ``inputs`` for ``stage``; return the answers that pass every check, by
