@@ -18,7 +18,7 @@ import zstandard
 from cellm.core.codec import header as hdr
 from cellm.core.codec.errors import CodecError, CodecInternalError
 from cellm.core.codec.pipeline import decode, encode
-from cellm.core.codec.spec import CodecSpec
+from cellm.core.codec.spec import ROTATED_VALUES, VALUE_CHOICES, CodecSpec
 from cellm.core.sparse import SparseVector
 
 _HUGE = (1 << 62, 1 << 40, (1 << 40) + 1, 1 << 32, (1 << 63) - 1)
@@ -60,22 +60,25 @@ def random_vector(rng: np.random.Generator, max_n: int = 4000) -> SparseVector:
     return SparseVector(n, torch.from_numpy(idx.astype(np.int64)), torch.from_numpy(vals))
 
 
-def random_spec(rng: np.random.Generator) -> CodecSpec:
+def random_spec(rng: np.random.Generator, values: str | None = None) -> CodecSpec:
+    """Any value scheme (or ``values``); the rotated ones get power-of-two blocks, which they require."""
+    values = values or str(rng.choice(VALUE_CHOICES))
+    blocks = [1, 4, 64, 256, 1 << 20] if values in ROTATED_VALUES else [1, 3, 64, 256, 1 << 20]
     return CodecSpec(
-        values=str(rng.choice(["fp32", "fp16", "bf16", "int8", "int4", "int2"])),
+        values=values,
         positions=str(rng.choice(["auto", "bitmap", "gaps"])),
-        block_size=int(rng.choice([1, 3, 64, 256, 1 << 20])),
+        block_size=int(rng.choice(blocks)),
         zstd_level=int(rng.choice([0, 0, 1, 3])),
         scales=str(rng.choice(["fp32", "fp16"])),
     )
 
 
-def valid_message(rng: np.random.Generator) -> tuple[bytes, int]:
+def valid_message(rng: np.random.Generator, values: str | None = None) -> tuple[bytes, int]:
     """(message, its n)."""
     while True:
         vec = random_vector(rng)
         try:
-            return encode(vec, random_spec(rng)), vec.n
+            return encode(vec, random_spec(rng, values)), vec.n
         except ValueError:  # e.g. fp16 overflow of a 6e4-scale vector: pick another
             continue
 
@@ -163,6 +166,8 @@ def _poison_values(rng: np.random.Generator, data: bytes) -> bytes:
         raw[start + 2 * i : start + 2 * i + 2] = int(rng.choice([0x7F80, 0xFF80, 0x7FC0])).to_bytes(
             2, "little"
         )
+    elif h.values in _ROT_BITS:
+        _poison_rotated(rng, h, raw, start)
     elif h.values in (hdr.ValueScheme.INT4, hdr.ValueScheme.INT2) and rng.random() < 0.5:
         bits = 4 if h.values == hdr.ValueScheme.INT4 else 2
         per = 8 // bits
@@ -178,6 +183,30 @@ def _poison_values(rng: np.random.Generator, data: bytes) -> bytes:
         bad = rng.choice([np.nan, np.inf, -1.0, 65504.0 if width == 2 else 3e38])  # huge: q * s overflows
         raw[j : j + width] = np.array([bad], "<f2" if width == 2 else "<f4").tobytes()
     return _reseal_raw(h, bytes(raw), rng)
+
+
+_ROT_BITS = {hdr.ValueScheme.ROT4: 4, hdr.ValueScheme.ROT3: 3, hdr.ValueScheme.ROT2: 2}
+
+
+def _poison_rotated(rng: np.random.Generator, h: hdr.Header, raw: bytearray, start: int) -> None:
+    """rot4/rot3/rot2 (k > 0): a set padding bit, a bad chunk scale, a nonzero code where the scale is 0, or a
+    new seed (any seed decodes: the outcome may be a valid vector)."""
+    bits, kind = _ROT_BITS[h.values], int(rng.integers(0, 4))
+    spare = (-h.k * bits) % 8
+    if kind == 0 and spare:
+        raw[start + h.val_len - 1] |= 1 << int(rng.integers(8 - spare, 8))
+    elif kind == 3:
+        raw[h.pos_len : h.pos_len + 4] = rng.integers(0, 256, size=4, dtype=np.uint8).tobytes()
+    else:
+        width = 2 if h.flags & hdr.FLAG_FP16_SCALES else 4
+        j = h.pos_len + 4 + int(rng.integers(0, (h.scale_len - 4) // width)) * width
+        dtype = "<f2" if width == 2 else "<f4"
+        if kind == 2:  # scale 0: only the midpoint code is a valid encoding of that chunk
+            raw[j : j + width] = bytes(width)
+            raw[start + int(rng.integers(0, h.val_len))] ^= 1 << int(rng.integers(0, 8))
+        else:
+            bad = rng.choice([np.nan, np.inf, -np.inf, -1.0, -0.0, 65504.0 if width == 2 else 3e38])
+            raw[j : j + width] = np.array([bad], dtype).tobytes()
 
 
 def _scramble_positions(rng: np.random.Generator, data: bytes) -> bytes:
@@ -259,9 +288,9 @@ def check_decode(data: bytes, max_n: int) -> str:
     return "ok" if ok else "invalid"
 
 
-def fuzz_case(seed: int, max_n: int = 1 << 20) -> tuple[str, str]:
-    """(mutation name, outcome) for one seeded case."""
+def fuzz_case(seed: int, max_n: int = 1 << 20, values: str | None = None) -> tuple[str, str]:
+    """(mutation name, outcome) for one seeded case; ``values`` fixes the value scheme (default: any)."""
     rng = np.random.default_rng(seed)
-    data, _ = valid_message(rng)
+    data, _ = valid_message(rng, values)
     name = str(rng.choice(list(MUTATIONS)))
     return name, check_decode(MUTATIONS[name](rng, data), max_n)

@@ -50,8 +50,21 @@ def test_seeded_mutations_decode_to_valid_vectors_or_raise_codec_error():
     assert {name for _, name in outcomes["rejected"]} == set(MUTATIONS)
 
 
+@pytest.mark.parametrize("values", ["rot4", "rot3", "rot2"])
+def test_seeded_mutations_of_rotated_messages_decode_to_valid_vectors_or_raise_codec_error(values):
+    outcomes = {}
+    for seed in range(150):
+        name, outcome = fuzz_case(seed, values=values)
+        outcomes.setdefault(outcome, []).append((seed, name))
+    assert set(outcomes) <= {"ok", "rejected"}, {
+        k: v[:5] for k, v in outcomes.items() if k not in ("ok", "rejected")
+    }
+    assert len(outcomes["rejected"]) > 100
+
+
 def test_every_truncation_is_rejected():
-    for spec in (CodecSpec(), CodecSpec(values="int8", zstd_level=3), CodecSpec(positions="bitmap")):
+    for spec in (CodecSpec(), CodecSpec(values="int8", zstd_level=3), CodecSpec(positions="bitmap"),
+                 CodecSpec(values="rot3", block_size=16)):
         data = encode(sample(), spec)
         for cut in range(len(data)):
             assert check_decode(data[:cut], 1 << 20) == "rejected"

@@ -159,8 +159,10 @@ class CommConfig:
                                    "LoRA); 0 = recompute every round.", ge=0)
     client_freeze: bool = _f(False, "Clients train and upload only on the download support (gradients multiplied "
                                     "by the mask).")
-    codec_down: str = _f("fp32", "Value coding of downloads: fp32, fp16, bf16, or int8 / int4 / int2 (ternary) "
-                                 "with a block absmax scale.", VALUE_CODECS)
+    codec_down: str = _f("fp32", "Value coding of downloads: fp32, fp16, bf16, int8 / int4 / int2 (ternary) "
+                                 "with a block absmax scale, or rot4 / rot3 / rot2 (random rotation of chunks of "
+                                 "up to comm.int8_block values, which must then be a power of two, and 4, 3 or 2 "
+                                 "bits a value).", VALUE_CODECS)
     codec_up: str = _f("fp32", "Value coding of uploads: as codec_down.", VALUE_CODECS)
     int8_block: int = _f(256, "Values per scale block of the int8, int4 and int2 codecs.", ge=1)
     zstd_level: int = _f(0, "zstd level applied on top of each message; 0 = off.", ge=0, le=22)

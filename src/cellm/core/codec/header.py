@@ -6,8 +6,8 @@ Layout (all integers little-endian)::
     0      4     magic b"CLMC"
     4      1     version (1)
     5      1     position scheme: 0 dense, 1 bitmap, 2 golomb
-    6      1     value scheme: 0 fp32, 1 fp16, 2 bf16, 3 int8, 4 int4, 5 int2 (ternary)
-    7      1     flags: bit 0 = body is one zstd frame, bit 1 = int8/int4/int2 scales are fp16; other bits must be 0
+    6      1     value scheme: 0 fp32, 1 fp16, 2 bf16, 3 int8, 4 int4, 5 int2 (ternary), 6 rot4, 7 rot3, 8 rot2
+    7      1     flags: bit 0 = body is one zstd frame, bit 1 = int and rot scales are fp16; other bits must be 0
     8      4     CRC32 of every byte after this field (the varints and the body)
     12     var   n, k, pos_param, block_size, pos_len, scale_len, val_len, body_len   (ULEB128 each)
     ...    body  body_len bytes: positions | scales | values (pos_len + scale_len + val_len bytes), or a zstd
@@ -54,6 +54,9 @@ class ValueScheme(IntEnum):
     INT8 = 3
     INT4 = 4
     INT2 = 5
+    ROT4 = 6  # rotated (random signs + Walsh-Hadamard) chunks, 4-bit midrise codes
+    ROT3 = 7
+    ROT2 = 8
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-VALUE_CHOICES = ("fp32", "fp16", "bf16", "int8", "int4", "int2")
-SCALED_VALUES = ("int8", "int4", "int2")  # block absmax scale + integer codes
+VALUE_CHOICES = ("fp32", "fp16", "bf16", "int8", "int4", "int2", "rot4", "rot3", "rot2")
+SCALED_VALUES = ("int8", "int4", "int2", "rot4", "rot3", "rot2")  # a scale per block (or chunk) + integer codes
+ROTATED_VALUES = ("rot4", "rot3", "rot2")  # chunks of power-of-two sizes <= block_size, randomly rotated
 POSITION_CHOICES = ("auto", "bitmap", "gaps")
 SCALE_CHOICES = ("fp32", "fp16")
 MAX_BLOCK_SIZE = 1 << 24
@@ -18,7 +19,8 @@ class CodecSpec:
 
     ``positions="auto"`` codes the positions with whichever of bitmap and Golomb gaps is smaller for this message;
     a dense message (k == N) always uses the zero-byte "dense" scheme. ``block_size`` and ``scales`` only matter
-    for the block-scaled schemes (``int8``, ``int4``, ``int2``). ``zstd_level`` 0 means no zstd; 1..22 compresses the body and keeps the result only
+    for the block-scaled schemes (``int8``, ``int4``, ``int2``, and ``rot4``/``rot3``/``rot2``, whose block_size must
+    be a power of two: the largest Walsh-Hadamard chunk). ``zstd_level`` 0 means no zstd; 1..22 compresses the body and keeps the result only
     when it is smaller. Lossy value schemes and their error bounds are in values.py; a value that fp16 (or bf16)
     cannot represent makes encode raise ValueError rather than send inf.
     """
@@ -38,6 +40,11 @@ class CodecSpec:
         if not is_int(self.block_size) or not 1 <= self.block_size <= MAX_BLOCK_SIZE:
             raise ValueError(
                 f"CodecSpec.block_size must be an int in [1, {MAX_BLOCK_SIZE}], got {self.block_size!r}"
+            )
+        if self.values in ROTATED_VALUES and self.block_size & (self.block_size - 1):
+            raise ValueError(
+                f"CodecSpec.block_size must be a power of two for values={self.values!r} (the largest rotated "
+                f"chunk), got {self.block_size}"
             )
         if not is_int(self.zstd_level) or not 0 <= self.zstd_level <= MAX_ZSTD_LEVEL:
             raise ValueError(

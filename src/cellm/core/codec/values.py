@@ -17,10 +17,24 @@ Error bounds, per entry, of what the receiver decodes (v') against what was sent
 * int2 -- ternary, s = max|v| and q in {-1, 0, 1}, four values a byte: |v - v'| <= s / 2, so every value
   below half its block's maximum is sent as 0 (use it with error feedback, or for downloads, which are re-made
   from exact weights every round).
+* rot4, rot3, rot2 -- rotated codes, DRIVE/EDEN-style. The k values are cut into chunks of power-of-two sizes
+  m <= ``block_size`` (which must be a power of two): k // block_size full blocks, then one chunk per binary digit
+  of the remainder, largest first, so there is no padding. Each chunk x is rotated, y = H_m D x / sqrt(m) (H_m the
+  Sylvester Hadamard matrix, D a diagonal of random signs drawn from a 32-bit seed that the message carries; the
+  encoder takes the CRC32 of the values as the seed, so encoding stays a pure function of its input), and each
+  y_i is sent as a midrise code u in [0, 2**b - 1] (b = 4, 3, 2 bits) standing for (u - c) * s, c = (2**b - 1) / 2,
+  with one scale per chunk s = max|y| / c (stored as fp32 or fp16, rounded up as for int8). So |y_i - y'_i| <= s / 2
+  and, the rotation being orthonormal, ||x - x'||_2 <= sqrt(m) * s / 2 per chunk, up to one float32 rounding of
+  each decoded value. The rotation spreads a chunk's energy over all its entries, so s follows the chunk's L2 norm
+  (about ||x||_2 * sqrt(2 ln(2m) / m) / c) rather than its largest entry; the error is spread evenly too, and exact
+  zeros come back as small values unless the whole chunk is zero. A chunk whose decoded values could pass the
+  float32 maximum (values within a factor ~sqrt(m) of it) raises ValueError at encode.
 """
 
 from __future__ import annotations
 
+import math
+import zlib
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
@@ -232,6 +246,191 @@ class Int2Values(PackedIntValues):
     name = "int2"
 
 
+class RotatedValues(ValueStage):
+    """Chunks of power-of-two sizes, each randomly rotated and sent as ``bits``-bit midrise codes with one scale.
+
+    Scales section: the 4-byte sign seed (little-endian), then one fp32 or fp16 scale per chunk in chunk order;
+    none of it for k = 0. Values section: the codes, ``bits`` each, the first in the low bits, across bytes.
+    """
+
+    needs = frozenset({"k", "block_size", "fp16_scales"})
+    bits: ClassVar[int]
+    name: ClassVar[str]
+
+    def __init__(self, block_size: int, fp16_scales: bool = False) -> None:
+        if block_size < 1 or block_size & (block_size - 1):  # a header's field: CodecSpec refuses it at encode
+            raise CodecError(f"{self.name} block size {block_size} is not a power of two")
+        self.block_size = block_size
+        self.fp16_scales = fp16_scales
+        self._scale_dtype = "<f2" if fp16_scales else "<f4"
+        self._half = ((1 << self.bits) - 1) / 2  # code u stands for (u - half) * s
+
+    def section_lens(self, k: int) -> tuple[int, int]:
+        if k == 0:
+            return 0, 0
+        return SEED_BYTES + chunk_count(k, self.block_size) * (2 if self.fp16_scales else 4), -(-k * self.bits // 8)
+
+    def encode(self, v: np.ndarray) -> tuple[Buffer, Buffer]:
+        k = v.size
+        if k == 0:
+            return b"", b""
+        seed = zlib.crc32(as_buffer(v.astype("<f4", copy=False)))  # a pure function of the message
+        y = rotate(v.astype(np.float64), sign_flips(seed, k), self.block_size)
+        sizes = chunk_sizes(k, self.block_size)
+        s = self._stored_scales(_chunk_absmax(y, self.block_size) / self._half)
+        worst = _chunk_absmax(v.astype(np.float64), self.block_size) + np.sqrt(sizes) * s / 2
+        if (worst > _F32_MAX * (1 - 2.0**-20)).any():  # then a decoded value could round past float32's maximum
+            raise ValueError(
+                f"{self.name} values too large: a chunk could decode past the float32 maximum "
+                f"(max |v| = {float(np.abs(v).max()):.6g}); use int8 or fp32"
+            )
+        per = np.repeat(s, sizes)
+        t = np.divide(y, per, out=np.zeros_like(y), where=per > 0) + self._half
+        u = np.clip(np.floor(t + 0.5), 0, 2 * self._half).astype(np.uint8)  # ties round up; all-zero chunk: half
+        scales = seed.to_bytes(SEED_BYTES, "little") + s.astype(self._scale_dtype).tobytes()
+        return scales, pack_codes(u, self.bits)
+
+    def decode(self, scales: np.ndarray, vals: np.ndarray, k: int) -> np.ndarray:
+        if k == 0:
+            return np.zeros(0, dtype=np.float32)
+        seed = int.from_bytes(scales[:SEED_BYTES].tobytes(), "little")
+        s = scales[SEED_BYTES:].view(self._scale_dtype).astype(np.float64)
+        if not np.isfinite(s).all() or np.signbit(s).any():
+            raise CodecError(f"{self.name} scales must be finite and non-negative")
+        u = unpack_codes(vals, k, self.bits, self.name)
+        per = np.repeat(s, chunk_sizes(k, self.block_size))
+        if ((per == 0) & (u != 1 << (self.bits - 1))).any():  # one encoding per message: what encode writes
+            raise CodecError(f"{self.name} codes of a chunk with scale 0 must all be {1 << (self.bits - 1)}")
+        x = unrotate((u - self._half) * per, sign_flips(seed, k), self.block_size)
+        with np.errstate(over="ignore"):
+            return x.astype(np.float32)
+
+    def _stored_scales(self, s: np.ndarray) -> np.ndarray:
+        """The transmitted scales (float64 copies), rounded up so that no code is clipped and none flushes to 0."""
+        dtype = np.float16 if self.fp16_scales else np.float32
+        with np.errstate(over="ignore"):  # an overflow to inf is refused just below
+            f = s.astype(dtype)
+            low = f.astype(np.float64) < s
+            f[low] = np.nextafter(f[low], dtype(np.inf))
+        if np.isinf(f).any():
+            raise ValueError(
+                f"{self.name} chunk scale overflows {'fp16' if self.fp16_scales else 'fp32'} "
+                f"(largest rotated value {float(s.max()) * self._half:.6g}); "
+                + ("use scales='fp32'" if self.fp16_scales else "use fp32 values")
+            )
+        return f.astype(np.float64)
+
+
+class Rot4Values(RotatedValues):
+    scheme = ValueScheme.ROT4
+    bits = 4
+    name = "rot4"
+
+
+class Rot3Values(RotatedValues):
+    scheme = ValueScheme.ROT3
+    bits = 3
+    name = "rot3"
+
+
+class Rot2Values(RotatedValues):
+    scheme = ValueScheme.ROT2
+    bits = 2
+    name = "rot2"
+
+
+SEED_BYTES = 4
+
+
+def chunk_layout(k: int, block_size: int) -> list[tuple[int, int, int]]:
+    """(start, size m, count) of each run of equal chunks, in order: k // block_size full blocks, then one chunk
+    per binary digit of the remainder, largest first (k = 1000, block 256: 3 x 256, then 128, 64, 32, 8)."""
+    full, rem = divmod(k, block_size)
+    runs = [(0, block_size, full)] if full else []
+    start = full * block_size
+    for i in reversed(range(rem.bit_length())):
+        if rem >> i & 1:
+            runs.append((start, 1 << i, 1))
+            start += 1 << i
+    return runs
+
+
+def chunk_count(k: int, block_size: int) -> int:
+    """Number of chunks, without building them (section_lens runs on declared, unchecked sizes)."""
+    return k // block_size + (k % block_size).bit_count()
+
+
+def chunk_sizes(k: int, block_size: int) -> np.ndarray:
+    """Each chunk's size, in order (int64)."""
+    runs = chunk_layout(k, block_size)
+    return np.concatenate([np.full(count, m, dtype=np.int64) for _, m, count in runs] or [np.zeros(0, np.int64)])
+
+
+def sign_flips(seed: int, k: int) -> np.ndarray:
+    """The diagonal D: k signs (+1.0 / -1.0) from the bits of PCG64(seed)'s raw stream, low bit first.
+
+    The raw output of numpy's bit generators is kept fixed across numpy versions (Generator's methods are not), so
+    a sender and a receiver on different numpy versions draw the same signs.
+    """
+    raw = np.random.PCG64(seed).random_raw(-(-k // 64)).astype("<u8")
+    return 1.0 - 2.0 * np.unpackbits(raw.view(np.uint8), count=k, bitorder="little")
+
+
+def hadamard(a: np.ndarray) -> np.ndarray:
+    """H_m times each row of ``a`` (rows x m, m a power of two; Sylvester order, not normalised), in float64.
+
+    The fast Walsh-Hadamard transform: log2(m) butterfly steps, each over every row at once.
+    """
+    out = np.array(a, dtype=np.float64)
+    rows, m = out.shape
+    h = 1
+    while h < m:
+        v = out.reshape(rows, m // (2 * h), 2, h)
+        lo, hi = v[:, :, 0, :], v[:, :, 1, :]
+        total, diff = lo + hi, lo - hi
+        v[:, :, 0, :], v[:, :, 1, :] = total, diff
+        h *= 2
+    return out
+
+
+def rotate(x: np.ndarray, signs: np.ndarray, block_size: int) -> np.ndarray:
+    """y = H_m D x / sqrt(m) for each chunk x (float64): orthonormal, so ||y|| = ||x|| chunk by chunk."""
+    return _per_run(x * signs, block_size)
+
+
+def unrotate(y: np.ndarray, signs: np.ndarray, block_size: int) -> np.ndarray:
+    """The inverse of :func:`rotate`: x = D H_m y / sqrt(m) (H_m H_m = m I, D D = I)."""
+    return _per_run(y, block_size) * signs
+
+
+def _per_run(x: np.ndarray, block_size: int) -> np.ndarray:
+    out = np.empty(x.size, dtype=np.float64)
+    for start, m, count in chunk_layout(x.size, block_size):
+        end = start + m * count
+        out[start:end] = (hadamard(x[start:end].reshape(count, m)) / math.sqrt(m)).reshape(-1)
+    return out
+
+
+def _chunk_absmax(x: np.ndarray, block_size: int) -> np.ndarray:
+    parts = [np.abs(x[a : a + m * c]).reshape(c, m).max(axis=1) for a, m, c in chunk_layout(x.size, block_size)]
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def pack_codes(u: np.ndarray, bits: int) -> Buffer:
+    """Codes (< 2**bits) as ``bits``-bit fields, the first in the low bits of byte 0, fields crossing bytes."""
+    planes = (u[:, None] >> np.arange(bits, dtype=np.uint8)) & np.uint8(1)
+    return as_buffer(np.packbits(planes.reshape(-1), bitorder="little"))
+
+
+def unpack_codes(vals: np.ndarray, k: int, bits: int, name: str) -> np.ndarray:
+    """Inverse of :func:`pack_codes` (uint8 codes); CodecError for nonzero padding bits after the last code."""
+    stream = np.unpackbits(vals.view(np.uint8), bitorder="little")
+    if stream[k * bits :].any():
+        raise CodecError(f"{name} padding bits after the last value must be zero")
+    planes = stream[: k * bits].reshape(k, bits)
+    return np.bitwise_or.reduce(planes << np.arange(bits, dtype=np.uint8), axis=1)
+
+
 def _per_entry(scales: np.ndarray, block_size: int, k: int) -> np.ndarray:
     """Each entry's block scale; memory O(k) whatever the block size (one block is a broadcast scalar)."""
     if scales.size <= 1:
@@ -253,6 +452,12 @@ def value_stage(scheme: int, block_size: int, fp16_scales: bool) -> ValueStage:
         return Int4Values(block_size, fp16_scales)
     if scheme == ValueScheme.INT2:
         return Int2Values(block_size, fp16_scales)
+    if scheme == ValueScheme.ROT4:
+        return Rot4Values(block_size, fp16_scales)
+    if scheme == ValueScheme.ROT3:
+        return Rot3Values(block_size, fp16_scales)
+    if scheme == ValueScheme.ROT2:
+        return Rot2Values(block_size, fp16_scales)
     raise CodecError(f"unknown value scheme {scheme}")
 
 
@@ -264,5 +469,8 @@ def stage_for_spec(values: str, block_size: int, fp16_scales: bool) -> ValueStag
         "int8": ValueScheme.INT8,
         "int4": ValueScheme.INT4,
         "int2": ValueScheme.INT2,
+        "rot4": ValueScheme.ROT4,
+        "rot3": ValueScheme.ROT3,
+        "rot2": ValueScheme.ROT2,
     }
     return value_stage(scheme[values], block_size, fp16_scales)
