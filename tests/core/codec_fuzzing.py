@@ -77,10 +77,23 @@ def valid_message(rng: np.random.Generator, values: str | None = None) -> tuple[
     """(message, its n)."""
     while True:
         vec = random_vector(rng)
+        spec = random_spec(rng, values)
+        if rng.random() < 0.25:  # block top-k: whole blocks of the grid, named by block index
+            spec = replace(spec, pos_block=int(rng.choice([2, 3, 8, 16, 64, 4096])))
+            vec = block_aligned(rng, vec, spec.pos_block)
         try:
-            return encode(vec, random_spec(rng, values)), vec.n
+            return encode(vec, spec), vec.n
         except ValueError:  # e.g. fp16 overflow of a 6e4-scale vector: pick another
             continue
+
+
+def block_aligned(rng: np.random.Generator, vec: SparseVector, block: int) -> SparseVector:
+    """Every entry of each block of ``block`` entries that ``vec`` touches (a block top-k's kept set)."""
+    ids = np.unique(vec.indices.numpy() // block)
+    idx = (ids[:, None] * block + np.arange(block)).reshape(-1)
+    idx = idx[idx < vec.n].astype(np.int64)
+    vals = (rng.standard_normal(idx.size) * float(rng.choice([1e-3, 1.0, 1e3]))).astype(np.float32)
+    return SparseVector(vec.n, torch.from_numpy(idx), torch.from_numpy(vals))
 
 
 def _flip(rng: np.random.Generator, data: bytes, lo: int = 0) -> bytes:

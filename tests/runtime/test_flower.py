@@ -352,6 +352,9 @@ MODES = {
     "slora-switch+ef+int4": ["slora.stage1_rounds=1", "comm.error_feedback_up=true", 'comm.codec_up="int4"'],
     "shared-support+ir+int4": ['comm.up_support="download+random"', "comm.init_relative=true",
                                'comm.codec_up="int4"', "comm.error_feedback_up=true", "comm.down_density=0.25"],
+    "topk-block+delta+int4": ["comm.topk_block=16", 'comm.download_mode="delta"', 'comm.codec_down="int4"',
+                              'comm.codec_up="int4"', "comm.error_feedback_up=true", "comm.down_density=0.25",
+                              "comm.up_density=0.25"],
 }
 
 

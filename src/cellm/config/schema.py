@@ -12,7 +12,7 @@ from typing import Any
 
 import tomli_w
 
-from cellm.core.codec.spec import POSITION_CHOICES, VALUE_CHOICES
+from cellm.core.codec.spec import MAX_POS_BLOCK, POSITION_CHOICES, VALUE_CHOICES
 from cellm.core.robust import RULES
 from cellm.core.support import UP_SUPPORTS
 from cellm.data import DATASETS, DEFAULT_CLIENTS
@@ -167,6 +167,11 @@ class CommConfig:
     int8_block: int = _f(256, "Values per scale block of the int8, int4 and int2 codecs.", ge=1)
     zstd_level: int = _f(0, "zstd level applied on top of each message; 0 = off.", ge=0, le=22)
     positions: str = _f("auto", "Position coding: auto (cheapest per message), bitmap or gaps.", POSITION_CHOICES)
+    topk_block: int = _f(1, "Entries per top-k block: top-k keeps whole blocks of b consecutive entries of the flat "
+                            "adapter (ranked by their L2 norm) and a position names a block. Blocks lie on one grid "
+                            "over the flat vector (block j = entries [j*b, (j+1)*b)); tensors are row-major, so with "
+                            "b dividing a row of lora_A a block is part of a row. 1 = per-entry top-k. Both "
+                            "directions; needs comm.up_support = topk and no rank tiers.", ge=1, le=MAX_POS_BLOCK)
     error_feedback_up: bool = _f(False, "Clients keep what top-k and quantization dropped and add it to their next "
                                         "upload.")
     init_relative: bool = _f(False, "Downloads carry the top-k of w - w0, where w0 is the seeded initial adapter "

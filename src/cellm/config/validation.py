@@ -104,6 +104,21 @@ def _validate_up_support(cfg: CellmConfig) -> None:
                f"so a support outside it carries nothing new); got {k.up_support!r}")
 
 
+def _validate_topk_block(cfg: CellmConfig) -> None:
+    """comm.topk_block > 1: block top-k in both directions, where every message's positions are whole blocks."""
+    b = cfg.comm.topk_block
+    if b == 1:
+        return
+    _check(not cfg.secagg.enabled, "comm.topk_block", f"({b}) must be 1 with secagg.enabled: secure aggregation "
+           "needs a shared upload support, sent as values only")
+    _check(cfg.comm.up_support == "topk", "comm.topk_block",
+           f"({b}) needs comm.up_support = 'topk' (got {cfg.comm.up_support!r}): a shared support is sent as values "
+           "only and is not made of blocks; set comm.topk_block = 1")
+    _check(cfg.hetero.mode != "rank", "comm.topk_block",
+           f"({b}) needs hetero.mode other than 'rank': a rank tier's entries are not whole blocks; set "
+           "comm.topk_block = 1")
+
+
 def _validate_secagg(cfg: CellmConfig) -> None:
     """secagg.enabled: what the server can no longer do once it sees only the round's sum."""
     if not cfg.secagg.enabled:
@@ -150,6 +165,7 @@ def validate(cfg: CellmConfig) -> None:
     _validate_clients(cfg)
     _validate_slora(cfg)
     _validate_up_support(cfg)
+    _validate_topk_block(cfg)
     _validate_secagg(cfg)
     fa = cfg.faults
     _check(fa.norm_factor == 0 or fa.norm_factor >= 1, "faults.norm_factor",

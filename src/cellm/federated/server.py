@@ -23,7 +23,7 @@ from cellm.core.schedule import density_at
 from cellm.core.server_opt import ServerOptSpec, server_step
 from cellm.core.sparse import SparseVector
 from cellm.core.support import SERVER_CHOSEN, USES_DOWNLOAD, fill_scored, one_for_all
-from cellm.core.topk import num_kept, topk_mask
+from cellm.core.topk import max_kept_entries, num_kept, topk_mask, whole_blocks
 from cellm.federated.messages import ClientReply, ClientTask, task_support, vector_digest
 from cellm.federated.secure import quant_spec
 from cellm.federated.seeds import DP_NOISE, derive, sample_clients, support_seed
@@ -32,7 +32,7 @@ from cellm.federated.seeds import DP_NOISE, derive, sample_clients, support_seed
 def codec_spec(cfg: CellmConfig, direction: str) -> CodecSpec:
     values = cfg.comm.codec_down if direction == "down" else cfg.comm.codec_up
     return CodecSpec(values=values, positions=cfg.comm.positions, block_size=cfg.comm.int8_block,
-                     zstd_level=cfg.comm.zstd_level)
+                     zstd_level=cfg.comm.zstd_level, pos_block=cfg.comm.topk_block)
 
 
 def server_opt_spec(cfg: CellmConfig) -> ServerOptSpec:
@@ -140,7 +140,8 @@ def download_mask(state: ServerState, cfg: CellmConfig, round_: int, d_down: flo
     x = relative_weights(state, cfg)
     if support is not None:
         x = torch.where(support, x, torch.zeros_like(x))
-    return topk_mask(x, d_down) if support is None else topk_mask(x, d_down) & support
+    mask = topk_mask(x, d_down, cfg.comm.topk_block)
+    return mask if support is None else mask & support
 
 
 def start_from(state: ServerState, cfg: CellmConfig, mask: torch.Tensor | None,
@@ -329,13 +330,15 @@ class RoundOutcome:
 
 
 def check_upload(payload: bytes, n: int, max_k: int | None = None,
-                 support: torch.Tensor | None = None, shared: torch.Tensor | None = None) -> SparseVector:
+                 support: torch.Tensor | None = None, shared: torch.Tensor | None = None,
+                 block: int = 1) -> SparseVector:
     """Strictly decode one client's upload; any defect raises CodecError before it can reach the model.
 
     ``support`` (boolean, N): where the client may have changed anything (its rank tier, its download's mask
     under client_freeze); an entry outside it is refused, not silently dropped. ``shared`` (sorted positions):
     the round's shared support S for this client; the upload must then be the dense vector of exactly |S| values
-    (no positions), which is scattered into S.
+    (no positions), which is scattered into S. ``block`` > 1 (comm.topk_block): the upload's positions must be
+    whole blocks of the grid, as block top-k keeps them (any message scheme may carry them; the set is checked).
     """
     if shared is not None:
         sv = decode(payload, max_n=int(shared.numel()), expected_n=int(shared.numel()))
@@ -352,6 +355,8 @@ def check_upload(payload: bytes, n: int, max_k: int | None = None,
     if support is not None and sv.k and not bool(support[sv.indices].all()):
         outside = int((~support[sv.indices]).sum())
         raise CodecError(f"upload has {outside} entries outside the client's support")
+    if block > 1 and not whole_blocks(sv.indices, n, block):
+        raise CodecError(f"upload positions are not whole blocks of comm.topk_block = {block} entries")
     return sv
 
 
@@ -376,8 +381,8 @@ def finish_round(state: ServerState, cfg: CellmConfig, plan: RoundPlan, replies:
         try:
             if c not in plan.tasks:
                 raise CodecError(f"client {c} was not sampled this round")
-            sv = check_upload(reply.payload, n, num_kept(n, plan.tasks[c].up_density), plan.supports.get(c),
-                              plan.up_supports.get(c))
+            sv = check_upload(reply.payload, n, max_kept_entries(n, plan.tasks[c].up_density, cfg.comm.topk_block),
+                              plan.supports.get(c), plan.up_supports.get(c), cfg.comm.topk_block)
         except CodecError as exc:
             state.ledger.record(t, "up", len(reply.payload), 0, tier=None if tier is None else str(tier))
             rejected[c] = str(exc)
@@ -483,7 +488,7 @@ def end_round(state: ServerState, cfg: CellmConfig, t: int) -> None:
     """Close round ``t``: freeze the download mask when it is due (pruned LoRA), advance the round."""
     if cfg.comm.freeze_mask_after and t == cfg.comm.freeze_mask_after and state.frozen_mask is None:
         d_down, _ = densities(cfg, t + 1)
-        state.frozen_mask = topk_mask(relative_weights(state, cfg), d_down)
+        state.frozen_mask = topk_mask(relative_weights(state, cfg), d_down, cfg.comm.topk_block)
     state.round = t
 
 

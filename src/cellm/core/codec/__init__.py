@@ -1,8 +1,8 @@
 """Wire codec for sparse vectors: every download and upload, as few bytes as the information allows.
 
 A message is a header (header.py), then positions (positions.py: dense, bitmap or Golomb gaps, the cheapest per
-message), then values (values.py: fp32, fp16, bf16, or int8 with per-block scales), optionally zstd'd
-(compression.py). decode() is strict: any malformed input raises CodecError, nothing else. No I/O here.
+message, or whole blocks named by block index), then values (values.py: fp32, fp16, bf16, or int8 with per-block
+scales), optionally zstd'd (compression.py). decode() is strict: any malformed input raises CodecError, nothing else. No I/O here.
 """
 
 from cellm.core.codec.errors import CodecError

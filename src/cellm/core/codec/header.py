@@ -5,7 +5,9 @@ Layout (all integers little-endian)::
     offset size  field
     0      4     magic b"CLMC"
     4      1     version (1)
-    5      1     position scheme: 0 dense, 1 bitmap, 2 golomb
+    5      1     position scheme: 0 dense, 1 bitmap, 2 golomb, 3 blocks (pos_param = g * 4096 + b - 1: block
+                 size b in [2, 4096], g = 0 a bitmap over the ceil(n / b) blocks, else the Golomb parameter of
+                 the block gaps)
     6      1     value scheme: 0 fp32, 1 fp16, 2 bf16, 3 int8, 4 int4, 5 int2 (ternary), 6 rot4, 7 rot3, 8 rot2
     7      1     flags: bit 0 = body is one zstd frame, bit 1 = int and rot scales are fp16; other bits must be 0
     8      4     CRC32 of every byte after this field (the varints and the body)
@@ -45,6 +47,7 @@ class PositionScheme(IntEnum):
     DENSE = 0
     BITMAP = 1
     GOLOMB = 2
+    BLOCKS = 3  # whole blocks of b entries, named by block index (block top-k)
 
 
 class ValueScheme(IntEnum):

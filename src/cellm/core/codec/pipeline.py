@@ -40,7 +40,7 @@ def encode(vec: SparseVector, spec: CodecSpec = DEFAULT_SPEC) -> bytes:
     """The wire bytes of ``vec``. ValueError if the spec is invalid, vec is malformed, or a value overflows."""
     spec.validate()
     n, idx, vals = _as_arrays(vec)
-    plan = pos_mod.choose(idx, n, spec.positions)
+    plan = pos_mod.choose(idx, n, spec.positions, spec.pos_block)
     pos_bytes = plan.stage.encode(plan, idx, n)
     fp16_scales = spec.values in SCALED_VALUES and spec.scales == "fp16"
     vstage = stage_for_spec(spec.values, spec.block_size, fp16_scales)
@@ -58,7 +58,7 @@ def encode(vec: SparseVector, spec: CodecSpec = DEFAULT_SPEC) -> bytes:
         flags=flags,
         n=n,
         k=int(idx.size),
-        pos_param=plan.param if plan.stage.scheme == PositionScheme.GOLOMB else 0,
+        pos_param=plan.param if "pos_param" in plan.stage.needs else 0,
         block_size=spec.block_size if "block_size" in vstage.needs else 0,
         pos_len=len(pos_bytes),
         scale_len=len(scale_bytes),

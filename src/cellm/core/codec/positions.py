@@ -10,6 +10,11 @@ Three schemes, chosen per message and recorded in the header:
   bit streams: A, the top u-1 bits of every remainder (u = ceil(log2 b)); B, one extra bit for each remainder
   whose truncated-binary code is u bits long; U, the quotients in unary. Splitting the streams makes every
   stream fixed-width or unary, hence fully vectorised in numpy.
+* blocks -- the positions are whole blocks of b consecutive entries (block j = [j*b, (j+1)*b), the last one cut at
+  N; what block top-k keeps): the kept block indices are coded as a bitmap over the ceil(N/b) blocks or as Golomb
+  gaps, whichever is smaller, so a position costs about 1/b of the per-entry code. pos_param packs b and the
+  code: g * 4096 + (b - 1), g = 0 for the bitmap, else the Golomb parameter. The number of kept blocks follows
+  from (N, k, b), and k must be exactly the entries those blocks cover.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import numpy as np
 from cellm.core.codec.bitio import nbytes, pack_fixed, pack_unary, unpack_fixed, unpack_unary
 from cellm.core.codec.errors import CodecError
 from cellm.core.codec.header import PositionScheme
+from cellm.core.codec.spec import MAX_POS_BLOCK
 
 
 def bound_bits(n: int, k: int) -> float:
@@ -221,15 +227,110 @@ class GolombPositions(PositionStage):
         return idx
 
 
+_BLOCK_BITS = MAX_POS_BLOCK.bit_length() - 1  # pos_param's low bits hold b - 1, b <= MAX_POS_BLOCK
+
+
+def pack_block_param(block: int, code: int) -> int:
+    """The header's pos_param of a block message: ``code`` is 0 (bitmap over blocks) or the Golomb parameter."""
+    return code << _BLOCK_BITS | (block - 1)
+
+
+def unpack_block_param(param: int) -> tuple[int, int]:
+    """(block size b, code) from pos_param; b is in [1, MAX_POS_BLOCK] (the caller refuses b = 1)."""
+    return (param & (MAX_POS_BLOCK - 1)) + 1, param >> _BLOCK_BITS
+
+
+def block_ids(idx: np.ndarray, n: int, block: int) -> np.ndarray | None:
+    """The sorted block indices whose entries ``idx`` (sorted, distinct, < n) are exactly, or None when ``idx`` is
+    not a union of whole blocks of the grid."""
+    if idx.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    bid = idx // block
+    starts = np.flatnonzero(np.diff(bid, prepend=-1))
+    ids = bid[starts]
+    counts = np.diff(starts, append=idx.size)
+    if not np.array_equal(counts, np.minimum(block, n - ids * block)):
+        return None
+    return ids
+
+
+def kept_blocks(n: int, k: int, block: int) -> int | None:
+    """How many blocks k entries are: k = m * b, or (m - 1) * b + the short last block's length; None if neither."""
+    last = n - (-(-n // block) - 1) * block  # in [1, b]
+    if k % block == 0:
+        return k // block
+    if last < block and k % block == last:
+        return k // block + 1
+    return None
+
+
+class BlockPositions(PositionStage):
+    """Block indices of whole blocks; ``block`` and ``wanted`` are the sender's choice (the decoder reads both
+    from pos_param)."""
+
+    scheme = PositionScheme.BLOCKS
+    needs = frozenset({"n", "k", "pos_param"})
+
+    def __init__(self, block: int = 2, wanted: str = "auto") -> None:
+        self.block, self.wanted = block, wanted
+
+    def plan(self, idx: np.ndarray, n: int) -> PositionPlan:
+        blocks = block_ids(idx, n, self.block)
+        if blocks is None:
+            raise ValueError(f"CodecSpec.pos_block={self.block}: the positions are not a union of whole blocks of "
+                             f"{self.block} entries (block top-k keeps whole blocks)")
+        nb = -(-n // self.block)
+        inner = _choose_inner(blocks, nb, self.wanted)
+        code = inner.param if inner.stage.scheme == PositionScheme.GOLOMB else 0
+        return PositionPlan(self, inner.nbytes, pack_block_param(self.block, code), inner.gaps)
+
+    def encode(self, plan: PositionPlan, idx: np.ndarray, n: int) -> bytes:
+        block, code = unpack_block_param(plan.param)
+        blocks = idx[idx % block == 0] // block  # the first entry of each kept block (a union, as planned)
+        nb = -(-n // block)
+        if code == 0:
+            return BitmapPositions().encode(plan, blocks, nb)
+        return GolombPositions().encode(PositionPlan(GolombPositions(), plan.nbytes, code, plan.gaps), blocks, nb)
+
+    @staticmethod
+    def _inner(n: int, k: int, param: int) -> tuple[int, int, int, int, PositionStage]:
+        """(b, code, n_blocks, kept blocks, inner stage), or CodecError when (n, k, param) cannot be a block
+        message."""
+        block, code = unpack_block_param(param)
+        if block < 2:
+            raise CodecError(f"block positions with block size {block}: must be in [2, {MAX_POS_BLOCK}]")
+        nb = -(-n // block)
+        m = kept_blocks(n, k, block)
+        if m is None or m >= nb:
+            raise CodecError(f"k={k} is not a number of entries whole blocks of {block} can cover in n={n}, "
+                             "short of all of them")
+        return block, code, nb, m, (GolombPositions() if code else BitmapPositions())
+
+    def check_sizes(self, n: int, k: int, param: int, pos_len: int) -> None:
+        _, code, nb, m, inner = self._inner(n, k, param)
+        inner.check_sizes(nb, m, code, pos_len)
+
+    def decode(self, buf: np.ndarray, n: int, k: int, param: int) -> np.ndarray:
+        block, code, nb, m, inner = self._inner(n, k, param)
+        blocks = inner.decode(buf, nb, m, code)
+        if blocks.size != m or (m and (int(blocks[0]) < 0 or int(blocks[-1]) >= nb)):
+            raise CodecError(f"block positions: {blocks.size} blocks decoded, expected {m} below {nb}")
+        if m > 1 and not bool(np.all(blocks[1:] > blocks[:-1])):
+            raise CodecError("block indices are not strictly increasing")
+        idx = (blocks[:, None] * block + np.arange(block, dtype=np.int64)).reshape(-1)
+        if m and int(blocks[-1]) == nb - 1:
+            idx = idx[idx < n]
+        if idx.size != k:
+            raise CodecError(f"the {m} kept blocks cover {idx.size} entries, header declares k={k}")
+        return idx
+
+
 POSITION_STAGES: dict[int, PositionStage] = {
-    int(s.scheme): s for s in (DensePositions(), BitmapPositions(), GolombPositions())
+    int(s.scheme): s for s in (DensePositions(), BitmapPositions(), GolombPositions(), BlockPositions())
 }
 
 
-def choose(idx: np.ndarray, n: int, wanted: str) -> PositionPlan:
-    """The plan for ``wanted`` ("auto": the smaller of bitmap and golomb; ties go to the bitmap)."""
-    if idx.size == n:
-        return DensePositions().plan(idx, n)
+def _choose_inner(idx: np.ndarray, n: int, wanted: str) -> PositionPlan:
     if wanted == "bitmap":
         return BitmapPositions().plan(idx, n)
     golomb = GolombPositions().plan(idx, n)
@@ -237,3 +338,16 @@ def choose(idx: np.ndarray, n: int, wanted: str) -> PositionPlan:
         return golomb
     bitmap = BitmapPositions().plan(idx, n)
     return bitmap if bitmap.nbytes <= golomb.nbytes else golomb
+
+
+def choose(idx: np.ndarray, n: int, wanted: str, block: int = 1) -> PositionPlan:
+    """The plan for ``wanted`` ("auto": the smaller of bitmap and golomb; ties go to the bitmap).
+
+    ``block`` > 1: the positions must be whole blocks of the grid (ValueError naming pos_block otherwise), coded
+    by block index with ``wanted`` choosing among the bitmap and gaps over blocks.
+    """
+    if idx.size == n:
+        return DensePositions().plan(idx, n)
+    if block > 1:
+        return BlockPositions(block, wanted).plan(idx, n)
+    return _choose_inner(idx, n, wanted)

@@ -11,6 +11,7 @@ POSITION_CHOICES = ("auto", "bitmap", "gaps")
 SCALE_CHOICES = ("fp32", "fp16")
 MAX_BLOCK_SIZE = 1 << 24
 MAX_ZSTD_LEVEL = 22
+MAX_POS_BLOCK = 1 << 12  # position blocks: the header packs b - 1 into the low 12 bits of pos_param
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,11 @@ class CodecSpec:
     be a power of two: the largest Walsh-Hadamard chunk). ``zstd_level`` 0 means no zstd; 1..22 compresses the body and keeps the result only
     when it is smaller. Lossy value schemes and their error bounds are in values.py; a value that fp16 (or bf16)
     cannot represent makes encode raise ValueError rather than send inf.
+
+    ``pos_block`` = b > 1: the positions are a union of whole blocks of the grid (block j = entries [j*b, (j+1)*b),
+    what block top-k keeps) and are coded as block indices (a bitmap or Golomb gaps over ceil(N / b) blocks, the
+    smaller with "auto"; "bitmap" / "gaps" force one). A message whose positions are not such a union is a sender
+    bug: encode raises ValueError naming pos_block. 1 codes every position (the default).
     """
 
     values: str = "fp32"
@@ -30,6 +36,7 @@ class CodecSpec:
     block_size: int = 256
     zstd_level: int = 0
     scales: str = "fp32"
+    pos_block: int = 1
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -52,6 +59,8 @@ class CodecSpec:
             )
         if self.scales not in SCALE_CHOICES:
             raise ValueError(f"CodecSpec.scales must be one of {SCALE_CHOICES}, got {self.scales!r}")
+        if not is_int(self.pos_block) or not 1 <= self.pos_block <= MAX_POS_BLOCK:
+            raise ValueError(f"CodecSpec.pos_block must be an int in [1, {MAX_POS_BLOCK}], got {self.pos_block!r}")
 
 
 def is_int(x: object) -> bool:
