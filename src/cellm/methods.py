@@ -81,6 +81,16 @@ METHODS: dict[str, tuple[str, Overrides]] = {
     "ir-ef-int4-dlr-head-1/8": ("As ir-ef-int4-1/16, uploads on the download's support topped up with a seeded random "
                                 "set to 1/8, plus the whole head, shared by the round's clients (values only).",
                                 _shared("download+random", 0.125, head=True)),
+    "dense-int4-ef": ("The quantization-only peer: dense LoRA, int4 both ways (the download relative to the seeded "
+                      "init), upload error feedback.", _relative(1.0, "int4", "int4")),
+    "rank1-int4-ef": ("The low-rank peer: dense rank-1 LoRA (alpha / r kept), int4 both ways (download relative to "
+                      "the seeded init), upload error feedback.",
+                      lambda cfg: _relative(1.0, "int4", "int4")(cfg) + [
+                          "model.lora_rank=1", f"model.lora_alpha={cfg.model.lora_alpha / cfg.model.lora_rank}"]),
+    "vera-int4-ef": ("The tiny-payload peer: VeRA through peft (shared frozen random projections of rank "
+                     "model.vera_rank; only their per-layer scaling vectors and the head are trained and sent), "
+                     "dense, int4 both ways (download relative to the seeded init), upload error feedback.",
+                     lambda cfg: _relative(1.0, "int4", "int4")(cfg) + ["model.adapter=vera"]),
     "slora": ("SLoRA as published: a quarter of the rounds training a seeded 1% of the target matrices (fp32), "
               "then dense LoRA initialised from the SVD of that change.",
               _slora(["comm.down_density=1.0", "comm.up_density=1.0"])),

@@ -191,3 +191,55 @@ def test_the_compare_docstring_documents_every_parameter_the_return_and_the_erro
     assert "\nRaises:\n" in rest and "ConfigError:" in rest
     for name in inspect.signature(compare).parameters:
         assert f"\n    {name}: " in "\n" + args, name
+
+
+def _recorded(tmp_path, **change):
+    report = {"metric": "accuracy", "target": 0.5, "reference": "dense", "seeds": [0, 1],
+              "rows": [{"method": "dense", "seeds": [0, 1], "finals": [0.6, 0.5], "total_bytes": 1e6,
+                        "to_target": [400, None]}]}
+    report.update(change)
+    (tmp_path / "old").mkdir(exist_ok=True)
+    (tmp_path / "old" / "report.json").write_text(json.dumps(report))
+    return report
+
+
+def test_a_reference_recorded_by_an_earlier_sweep_sets_the_target_and_the_ratios_without_running_again(
+        tmp_path, cache_dir):
+    _recorded(tmp_path, rows=[{"method": "dense", "seeds": [0, 1, 2], "finals": [0.6, 0.5, 0.55],
+                               "total_bytes": 1e6, "to_target": [400, None, 300]}])
+    p = tmp_path / "sweep.toml"
+    p.write_text(f'base_preset = "tiny"\nmethods = ["flasc-1/4"]\nseeds = [0]\nreference = "dense"\n'
+                 f'reference_report = "old/report.json"\nset = ["data.cache_dir=\'{cache_dir}\'", "rounds=2"]\n')
+    sweep = load_sweep(p)
+    table = run_sweep(sweep, tmp_path / "new", log=lambda *_: None)
+    assert not (tmp_path / "new" / "runs" / "dense").exists()  # the reference was not run
+    report = json.loads((tmp_path / "new" / "report.json").read_text())
+    assert report["target"] == 0.5 and [r["method"] for r in report["rows"]] == ["dense", "flasc-1/4"]
+    dense, mine = report["rows"]
+    assert dense["median_to_target"] == 400 and dense["finals"] == [0.6, 0.5, 0.55]
+    btt = bytes_to_target(rf.read_metrics(method_dir(tmp_path / "new", "flasc-1/4", 0)), "accuracy", 0.5, True)
+    assert mine["to_target"] == [btt]
+    assert mine["ratio"] == (None if btt is None else pytest.approx(400 / btt))
+    assert "| dense |" in table
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"metric": "perplexity"}, "measures 'perplexity'"),
+    ({"rows": []}, "no row for the reference"),
+    ({"target": "high"}, "no finite 'target'"),
+    ({"rows": [{"method": "dense", "seeds": [0, 1], "finals": [0.6], "total_bytes": 1, "to_target": [1, 2]}]},
+     "one per seed"),
+    ({"seeds": [5], "rows": [{"method": "dense", "seeds": [5], "finals": [0.6], "total_bytes": 1,
+                              "to_target": [1]}]}, "not all among the recorded reference's seeds"),
+])
+def test_a_bad_reference_report_is_refused_naming_the_file_and_the_problem(tmp_path, change, needle):
+    from cellm.interface.compare import check_sweep
+
+    _recorded(tmp_path, **change)
+    p = tmp_path / "sweep.toml"
+    p.write_text('base_preset = "tiny"\nmethods = ["flasc-1/4"]\nseeds = [0]\nreference_report = "old/report.json"\n')
+    with pytest.raises(cellm.ConfigError, match=needle):
+        check_sweep(load_sweep(p))
+    p.write_text('base_preset = "tiny"\nmethods = ["dense"]\nseeds = [0]\nreference_report = "old/report.json"\n')
+    with pytest.raises(cellm.ConfigError, match="do not list it among the methods"):
+        check_sweep(load_sweep(p))

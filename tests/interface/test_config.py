@@ -171,3 +171,9 @@ def test_every_name_other_modules_import_from_the_config_package_is_there():
              "task_of", "validate", "merge", "preset_dict", "read_toml", "with_clients", "PRESET_DIR",
              "VALUE_CODECS"}
     assert names <= set(cellm.config.__all__) and all(hasattr(cellm.config, n) for n in cellm.config.__all__)
+
+
+def test_a_rotated_codec_with_a_block_that_is_not_a_power_of_two_is_refused_at_load():
+    with pytest.raises(ConfigError, match=r"'comm\.int8_block' \(100\) must be a power of two with comm\.codec_up"):
+        load_config(preset="tiny", overrides=["comm.codec_up=rot3", "comm.int8_block=100"])
+    assert load_config(preset="tiny", overrides=["comm.codec_up=rot3", "comm.int8_block=128"]).comm.int8_block == 128

@@ -17,7 +17,7 @@ from cellm.core.robust import RULES
 from cellm.core.support import UP_SUPPORTS
 from cellm.data import DATASETS, DEFAULT_CLIENTS
 from cellm.data.files import HOLDOUTS, PARTITIONS
-from cellm.models.registry import MODELS
+from cellm.models.registry import ADAPTERS, MODELS
 
 VALUE_CODECS = VALUE_CHOICES  # the value codings of comm.codec_down / codec_up and slora.codec
 
@@ -54,6 +54,10 @@ class ModelConfig:
     path: str = _f("", "Your own model instead: a local Hugging Face folder (config.json, weights, tokenizer) or a "
                        ".gguf file, loaded as a causal LM or a sequence classifier by the data's task; nothing is "
                        "fetched from a hub.")
+    adapter: str = _f("lora", "Adapter type, built by peft: lora, or vera (VeRA: frozen random A and B shared by "
+                              "every layer, seeded by the run; only a scaling vector per rank (model.vera_rank) and "
+                              "one per output feature are trained and sent, so the flat vector is tiny).",
+                      ADAPTERS)
     lora_rank: int = _f(8, "LoRA rank r.", ge=1)
     lora_alpha: float = _f(16.0, "LoRA alpha; the adapter is scaled by alpha / r.", gt=0)
     lora_dropout: float = _f(0.0, "Dropout on the LoRA input.", ge=0, lt=1)
@@ -61,6 +65,8 @@ class ModelConfig:
                                        "its architecture).")
     freeze_a: bool = _f(False, "FFA-LoRA: the A matrices stay at their (seeded) initialisation, never trained nor "
                                "sent.")
+    vera_rank: int = _f(256, "model.adapter = vera: rank of the shared frozen projections (peft's VeraConfig.r).",
+                        ge=1, le=65536)
 
 
 @dataclass
@@ -164,7 +170,8 @@ class CommConfig:
                                  "up to comm.int8_block values, which must then be a power of two, and 4, 3 or 2 "
                                  "bits a value).", VALUE_CODECS)
     codec_up: str = _f("fp32", "Value coding of uploads: as codec_down.", VALUE_CODECS)
-    int8_block: int = _f(256, "Values per scale block of the int8, int4 and int2 codecs.", ge=1)
+    int8_block: int = _f(256, "Values per scale block of the int8, int4 and int2 codecs; the largest rotated chunk "
+                              "of rot4, rot3 and rot2 (then a power of two).", ge=1)
     zstd_level: int = _f(0, "zstd level applied on top of each message; 0 = off.", ge=0, le=22)
     positions: str = _f("auto", "Position coding: auto (cheapest per message), bitmap or gaps.", POSITION_CHOICES)
     topk_block: int = _f(1, "Entries per top-k block: top-k keeps whole blocks of b consecutive entries of the flat "

@@ -12,6 +12,7 @@ from typing import Any
 
 from cellm.config.derived import file_spec, known_clients, task_of
 from cellm.config.schema import CellmConfig, DataConfig, bounds_text
+from cellm.core.codec.spec import ROTATED_VALUES
 from cellm.errors import ConfigError
 from cellm.models.registry import MODELS
 
@@ -85,6 +86,25 @@ def _validate_slora(cfg: CellmConfig) -> None:
     _check(cfg.comm.freeze_mask_after == 0, "comm.freeze_mask_after", "must be 0 with slora.stage1_rounds > 0")
     _check(cfg.hetero.mode == "none", "hetero.mode", "must be 'none' with slora.stage1_rounds > 0")
     _check(not cfg.model.freeze_a, "model.freeze_a", f"must be false {why}")
+
+
+def _validate_rotated(cfg: CellmConfig) -> None:
+    k = cfg.comm
+    rotated = [f"comm.{f}" for f in ("codec_down", "codec_up") if getattr(k, f) in ROTATED_VALUES]
+    b = k.int8_block
+    _check(not rotated or b & (b - 1) == 0, "comm.int8_block",
+           f"({b}) must be a power of two with {' and '.join(rotated)} rotated (chunks are Hadamard-rotated)")
+
+
+def _validate_adapter(cfg: CellmConfig) -> None:
+    """Features built on LoRA's A and B (their ranks, A alone, an SVD of B A) have no meaning for other adapters."""
+    a = cfg.model.adapter
+    if a == "lora":
+        return
+    why = f"with model.adapter = '{a}' (it needs LoRA's A and B matrices)"
+    _check(not cfg.model.freeze_a, "model.freeze_a", f"must be false {why}")
+    _check(cfg.hetero.mode != "rank", "hetero.mode", f"must not be 'rank' {why}")
+    _check(not cfg.slora.stage1_rounds, "slora.stage1_rounds", f"must be 0 {why}")
 
 
 def _validate_up_support(cfg: CellmConfig) -> None:
@@ -164,6 +184,8 @@ def validate(cfg: CellmConfig) -> None:
                f"'{d.name}' is {want} data but model '{m.name}' is a {task} model; pick a matching pair")
     _validate_clients(cfg)
     _validate_slora(cfg)
+    _validate_adapter(cfg)
+    _validate_rotated(cfg)
     _validate_up_support(cfg)
     _validate_topk_block(cfg)
     _validate_secagg(cfg)

@@ -10,6 +10,9 @@ A sweep is a TOML file (or method names on the command line):
     [custom.mine]
     set = ["comm.up_density=0.1"]
 
+With ``seeds`` and ``reference_report = "../other/report.json"`` (relative to the sweep file) the reference is not
+run again: its per-seed row and target come from that earlier several-seed report, measured on the same setup.
+
 Each method runs in <out>/runs/<method>/ as a normal run folder. A finished method (summary.json present) is
 not run again; a method with a checkpoint is resumed; so a sweep cut short continues where it stopped.
 """
@@ -32,7 +35,7 @@ from typing import Any
 from cellm.config import CellmConfig, load_config, read_toml, task_of
 from cellm.errors import ConfigError
 from cellm.interface.api import resume, run
-from cellm.interface.report import build_rows, build_seed_rows, markdown_table, seed_table
+from cellm.interface.report import build_rows, build_seed_rows, markdown_table, recorded_reference, seed_table
 from cellm.methods import METHODS, method_overrides
 from cellm.models.evaluate import primary_metric
 from cellm.runtime import runfolder as rf
@@ -49,6 +52,7 @@ class Sweep:
     slack: float = 0.01
     custom: dict[str, list[str]] = field(default_factory=dict)
     seeds: list[int] = field(default_factory=list)  # empty: the base config's own seed, one run a method
+    reference_report: str = ""  # a report.json whose reference row (measured earlier, same setup) is reused
 
     def base(self) -> CellmConfig:
         return load_config(self.base_config, preset=self.base_preset, overrides=self.overrides)
@@ -65,7 +69,8 @@ class Sweep:
         return [(m, s) for m in self.methods for s in (self.seeds or [None])]
 
 
-SWEEP_KEYS = {"methods", "base_preset", "base_config", "set", "reference", "slack", "custom", "seeds"}
+SWEEP_KEYS = {"methods", "base_preset", "base_config", "set", "reference", "slack", "custom", "seeds",
+              "reference_report"}
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -78,6 +83,8 @@ def load_sweep(path: str | Path) -> Sweep:
                   base_config=raw.get("base_config"), overrides=list(raw.get("set", [])),
                   reference=raw.get("reference", "dense"), slack=float(raw.get("slack", 0.01)), custom=custom,
                   seeds=list(raw.get("seeds", [])))
+    if raw.get("reference_report"):  # relative to the sweep file, like a config path would be read by its author
+        sweep.reference_report = str(Path(path).parent / str(raw["reference_report"]))
     check_sweep(sweep)
     return sweep
 
@@ -92,7 +99,17 @@ def check_sweep(sweep: Sweep) -> None:
     if any(not isinstance(x, int) or isinstance(x, bool) or x < 0 for x in sweep.seeds) or \
             len(set(sweep.seeds)) != len(sweep.seeds):
         raise ConfigError(f"sweep seeds must be distinct integers >= 0; got {sweep.seeds}")
-    if sweep.reference not in sweep.methods:
+    if sweep.reference_report:
+        if not sweep.seeds:
+            raise ConfigError("sweep reference_report needs a seeds list (the recorded reference is per seed)")
+        if sweep.reference in sweep.methods:
+            raise ConfigError(f"sweep reference '{sweep.reference}' comes from reference_report "
+                              f"{sweep.reference_report}: do not list it among the methods too")
+        _, row = recorded(sweep)
+        if set(sweep.seeds) - set(row.seeds):
+            raise ConfigError(f"sweep seeds {sweep.seeds} are not all among the recorded reference's seeds {row.seeds} "
+                              f"in {sweep.reference_report}")
+    elif sweep.reference not in sweep.methods:
         raise ConfigError(f"sweep reference '{sweep.reference}' is not among its methods {sweep.methods}")
     folders: dict[str, str] = {}
     for m in sweep.methods:
@@ -106,6 +123,17 @@ def check_sweep(sweep: Sweep) -> None:
         if m not in sweep.custom and m not in METHODS:
             raise ConfigError(f"unknown method '{m}' (built in: {', '.join(METHODS)}; or define [custom.{m}])")
         sweep.config_for(m)
+
+
+def recorded(sweep: Sweep):
+    """(target, row) of the reference measured by an earlier sweep, from ``sweep.reference_report``."""
+    path = Path(sweep.reference_report)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"sweep reference_report {path}: cannot read it as JSON ({exc})") from None
+    metric, _ = primary_metric(task_of(sweep.base()))
+    return recorded_reference(data, sweep.reference, metric, str(path))
 
 
 def method_dir(out: Path, method: str, seed: int | None = None) -> Path:
@@ -176,7 +204,8 @@ def write_report(sweep: Sweep, out: Path) -> str:
     title = f"{base.model.name} on {base.data.name}"
     if sweep.seeds:
         per_seed = {m: {s: rf.read_metrics(method_dir(out, m, s)) for s in sweep.seeds} for m in sweep.methods}
-        target, seed_rows = build_seed_rows(per_seed, metric, higher, sweep.reference, sweep.slack)
+        target, seed_rows = build_seed_rows(per_seed, metric, higher, sweep.reference, sweep.slack,
+                                            recorded(sweep) if sweep.reference_report else None)
         table = seed_table(title, metric, target, sweep.reference, seed_rows)
         report = {"metric": metric, "target": target, "reference": sweep.reference, "seeds": sweep.seeds,
                   "rows": [r.__dict__ for r in seed_rows]}

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
+
+from cellm.errors import ConfigError
 
 
 def eval_points(rows: list[dict[str, Any]], metric: str) -> list[tuple[int, int, float]]:
@@ -107,12 +110,53 @@ def _median_with_misses(values: list[int | None]) -> float | None:
     return None if med == float("inf") else med
 
 
+def _number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def recorded_reference(data: Any, reference: str, metric: str, source: str) -> tuple[float, SeedRow]:
+    """(target, the reference's row) from an earlier sweep's report.json, every field checked (a file is input)."""
+    def bad(why: str) -> ConfigError:
+        return ConfigError(f"reference report {source}: {why}")
+
+    if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
+        raise bad("is not a several-seed report.json (an object with 'rows')")
+    if data.get("metric") != metric:
+        raise bad(f"measures {data.get('metric')!r}, this sweep measures {metric!r}")
+    if not _number(data.get("target")):
+        raise bad("has no finite 'target'")
+    row = next((r for r in data["rows"] if isinstance(r, dict) and r.get("method") == reference), None)
+    if row is None:
+        raise bad(f"has no row for the reference method {reference!r}")
+    seeds, finals, btt = row.get("seeds"), row.get("finals"), row.get("to_target")
+    if not (isinstance(seeds, list) and seeds and all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)
+            and isinstance(finals, list) and len(finals) == len(seeds) and all(_number(f) for f in finals)
+            and isinstance(btt, list) and len(btt) == len(seeds)
+            and all(b is None or (isinstance(b, int) and not isinstance(b, bool) and b >= 0) for b in btt)
+            and _number(row.get("total_bytes"))):
+        raise bad(f"row {reference!r} needs seeds, finals, to_target (one per seed) and total_bytes")
+    mean = sum(finals) / len(finals)
+    sd = (sum((f - mean) ** 2 for f in finals) / (len(finals) - 1)) ** 0.5 if len(finals) > 1 else 0.0
+    return float(data["target"]), SeedRow(reference, list(seeds), [float(f) for f in finals], mean, sd,
+                                          float(row["total_bytes"]), list(btt), sum(b is not None for b in btt),
+                                          _median_with_misses(btt), 1.0)
+
+
 def build_seed_rows(runs: dict[str, dict[int, list[dict[str, Any]]]], metric: str, higher_better: bool,
-                    reference: str, slack: float) -> tuple[float, list[SeedRow]]:
-    """Target from the reference's MEAN final metric over its seeds, then one SeedRow per method."""
-    ref_finals = [eval_points(rows, metric)[-1][2] for rows in runs[reference].values()]
-    target = target_from_reference(sum(ref_finals) / len(ref_finals), higher_better, slack)
-    rows_out = []
+                    reference: str, slack: float,
+                    recorded: tuple[float, SeedRow] | None = None) -> tuple[float, list[SeedRow]]:
+    """Target from the reference's MEAN final metric over its seeds, then one SeedRow per method.
+
+    ``recorded`` = (target, row) of a reference measured by an earlier sweep (:func:`recorded_reference`): its
+    row comes first and sets the target and the ratios, and ``runs`` need not hold it.
+    """
+    if recorded is not None:
+        target, ref_row = recorded
+        rows_out = [ref_row]
+    else:
+        ref_finals = [eval_points(rows, metric)[-1][2] for rows in runs[reference].values()]
+        target = target_from_reference(sum(ref_finals) / len(ref_finals), higher_better, slack)
+        rows_out = []
     for name, per_seed in runs.items():
         seeds = sorted(per_seed)
         finals = [eval_points(per_seed[s], metric)[-1][2] for s in seeds]

@@ -41,9 +41,10 @@ def load_trained(run_dir: str | Path) -> tuple[LoadedModel, list[str] | None, st
     m = cfg.model
     loaded = load_model(resolve_spec(m.name, m.path, task), lora_rank=m.lora_rank, lora_alpha=m.lora_alpha,
                         lora_dropout=m.lora_dropout, target_modules=m.target_modules, num_labels=num_labels,
-                        seed=cfg.seed, freeze_a=m.freeze_a)
+                        seed=cfg.seed, freeze_a=m.freeze_a, adapter=m.adapter,
+                        vera_rank=m.vera_rank)
     result = set_peft_model_state_dict(loaded.model, load_file(str(weights)))
-    missing = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k]
+    missing = [k for k in getattr(result, "unexpected_keys", []) if m.adapter in k]
     if missing:
         raise ConfigError(f"{weights} does not fit the model its config builds ({missing[0]} is unexpected)")
     loaded.model.eval()

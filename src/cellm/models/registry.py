@@ -317,13 +317,37 @@ def _as_plain_model(model):
         model.config, model.hf_quantizer = config, quantizer
 
 
+ADAPTERS = ("lora", "vera")
+"""The peft adapter types cellm trains. Any adapter works whose trainable tensors, in named_parameters order, are
+the whole client state and whose frozen parts are rebuilt from the run seed alone (LoRA: A's init is seeded;
+VeRA: the shared projections come from ``projection_prng_key``): then the flat vector, the codec, the server and
+the checkpoints need nothing adapter-specific. Only LoRA's rank-structured features (tiers by rank, FFA-LoRA,
+SLoRA's SVD switch) need its A and B, and config validation refuses them for other adapters."""
+
+
+def _adapter_config(adapter: str, *, targets: list[str], heads: list[str], task: str, lora_rank: int,
+                    lora_alpha: float, lora_dropout: float, vera_rank: int, seed: int):
+    from peft import LoraConfig, VeraConfig
+
+    task_type = "SEQ_CLS" if task == "classification" else "CAUSAL_LM"
+    if adapter == "lora":
+        return LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets,
+                          task_type=task_type, modules_to_save=heads or None)
+    if adapter == "vera":
+        # the projections are a function of the seed: every client and the server rebuild the same ones
+        return VeraConfig(r=vera_rank, vera_dropout=lora_dropout, target_modules=targets, task_type=task_type,
+                          modules_to_save=heads or None, projection_prng_key=seed, save_projection=True)
+    raise ConfigError(f"config field 'model.adapter' must be one of {', '.join(ADAPTERS)}; got {adapter!r}")
+
+
 def load_model(name: str | ModelSpec, *, lora_rank: int, lora_alpha: float, lora_dropout: float,
                target_modules: list[str] | tuple[str, ...] = (), num_labels: int | None = None,
-               seed: int = 0, freeze_a: bool = False, cache_dir: str | None = None) -> LoadedModel:
-    """Load a base model (registered name, or a spec from :func:`path_spec`) and attach a LoRA adapter (and a
-    trainable head for classifiers), both initialised from ``seed`` alone. With ``cache_dir``, a GGUF model's
-    de-quantized weights are kept there and loaded from there next time."""
-    from peft import LoraConfig, get_peft_model
+               seed: int = 0, freeze_a: bool = False, cache_dir: str | None = None, adapter: str = "lora",
+               vera_rank: int = 256) -> LoadedModel:
+    """Load a base model (registered name, or a spec from :func:`path_spec`) and attach a peft adapter (LoRA, or
+    VeRA with ``adapter="vera"``; and a trainable head for classifiers), all initialised from ``seed`` alone.
+    With ``cache_dir``, a GGUF model's de-quantized weights are kept there and loaded from there next time."""
+    from peft import get_peft_model
 
     if isinstance(name, ModelSpec):
         spec = name
@@ -339,14 +363,8 @@ def load_model(name: str | ModelSpec, *, lora_rank: int, lora_alpha: float, lora
         model.config.pad_token_id = tok.pad_token_id
     targets = list(target_modules) or _default_targets(spec, model)
     heads = _head_modules(spec, model)
-    lcfg = LoraConfig(
-        r=lora_rank,
-        lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout,
-        target_modules=targets,
-        task_type="SEQ_CLS" if spec.task == "classification" else "CAUSAL_LM",
-        modules_to_save=heads or None,
-    )
+    lcfg = _adapter_config(adapter, targets=targets, heads=heads, task=spec.task, lora_rank=lora_rank,
+                           lora_alpha=lora_alpha, lora_dropout=lora_dropout, vera_rank=vera_rank, seed=seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)  # adapter (and head) init depends on the run seed only
         for mod in heads:

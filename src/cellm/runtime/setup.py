@@ -46,7 +46,7 @@ def load_setup(cfg: CellmConfig) -> Setup:
     spec = resolve_spec(m.name, m.path, task)
     loaded = load_model(spec, lora_rank=m.lora_rank, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
                         target_modules=m.target_modules, num_labels=num_labels, seed=cfg.seed, freeze_a=m.freeze_a,
-                        cache_dir=d.cache_dir or None)
+                        cache_dir=d.cache_dir or None, adapter=m.adapter, vera_rank=m.vera_rank)
     t1 = time.perf_counter()
     data = load_federated(
         d.name, loaded.tokenizer, spec.tokenizer_id, num_clients=d.num_clients, seq_len=d.seq_len,
