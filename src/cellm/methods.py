@@ -81,6 +81,19 @@ METHODS: dict[str, tuple[str, Overrides]] = {
     "ir-ef-int4-dlr-head-1/8": ("As ir-ef-int4-1/16, uploads on the download's support topped up with a seeded random "
                                 "set to 1/8, plus the whole head, shared by the round's clients (values only).",
                                 _shared("download+random", 0.125, head=True)),
+    "ir-ef-int4-b16-1/16": ("As ir-ef-int4-1/16 with block top-k: whole blocks of 16 consecutive entries, a position "
+                            "a block (comm.topk_block = 16).",
+                            lambda cfg: _relative(0.0625, "int4", "int4")(cfg) + ["comm.topk_block=16"]),
+    "ir-ef-rot3-rot2-1/16": ("As ir-ef-int4-1/16 with randomly rotated values: 3 bits down, 2 bits up (rot3 / rot2).",
+                             _relative(0.0625, "rot3", "rot2")),
+    "ir-ef-rot3-rot2-1/16-s2": ("As ir-ef-rot3-rot2-1/16 with twice the base server learning rate (fewer rounds).",
+                                lambda cfg: _relative(0.0625, "rot3", "rot2")(cfg) + [
+                                    f"server.lr={2 * cfg.server.lr}"]),
+    "rank1-rot3-rot2-s2": ("Dense rank-1 LoRA (alpha / r kept) with rotated values, 3 bits down and 2 bits up, "
+                           "init-relative download, upload error feedback, twice the base server learning rate.",
+                           lambda cfg: _relative(1.0, "rot3", "rot2")(cfg) + [
+                               "model.lora_rank=1", f"model.lora_alpha={cfg.model.lora_alpha / cfg.model.lora_rank}",
+                               f"server.lr={2 * cfg.server.lr}"]),
     "dense-int4-ef": ("The quantization-only peer: dense LoRA, int4 both ways (the download relative to the seeded "
                       "init), upload error feedback.", _relative(1.0, "int4", "int4")),
     "rank1-int4-ef": ("The low-rank peer: dense rank-1 LoRA (alpha / r kept), int4 both ways (download relative to "

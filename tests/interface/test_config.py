@@ -177,3 +177,11 @@ def test_a_rotated_codec_with_a_block_that_is_not_a_power_of_two_is_refused_at_l
     with pytest.raises(ConfigError, match=r"'comm\.int8_block' \(100\) must be a power of two with comm\.codec_up"):
         load_config(preset="tiny", overrides=["comm.codec_up=rot3", "comm.int8_block=100"])
     assert load_config(preset="tiny", overrides=["comm.codec_up=rot3", "comm.int8_block=128"]).comm.int8_block == 128
+
+
+def test_the_cellm_lean_bbc_preset_is_its_method_over_the_minilm_bbc_preset():
+    from cellm.methods import method_overrides
+
+    base = load_config(preset="minilm-l6-bbc")
+    method = load_config(preset="minilm-l6-bbc", overrides=method_overrides("rank1-rot3-rot2-s2", base))
+    assert load_config(preset="cellm-lean-bbc").to_toml() == method.to_toml()
