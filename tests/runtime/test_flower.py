@@ -639,10 +639,12 @@ sys.exit(flower_cli.main(parser.parse_args(["flower", *sys.argv[1:]])))
 
 
 def child_env() -> dict[str, str]:
-    """Flower starts flower-superexec, flwr-serverapp and flwr-clientapp by name: this venv first on PATH."""
+    """Flower starts flower-superexec, flwr-serverapp and flwr-clientapp by name: this venv first on PATH. Each
+    SuperExec (the SuperLink's and every SuperNode's) looks for a task to start every 0.25 s instead of Flower's
+    1 s (its own setting, FLWR_SUPEREXEC_TASK_POLL_INTERVAL): every message waits for that look."""
     from cellm.runtime.flower.deploy import child_env as env
 
-    return env()
+    return {**env(), "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.25"}
 
 
 def flwr_cli(args: list[str], timeout: float, cwd: Path) -> subprocess.CompletedProcess:
@@ -796,6 +798,7 @@ def test_loopback_deployment_survives_a_killed_serverapp_and_a_killed_supernode(
             _signal_pid(p, signal.SIGKILL)
         time.sleep(1)
         assert not (out / rf.SUMMARY).exists()
+        embedded = cellm.run(tiny(*overrides), save=False)  # the reference, while the SuperLink notices the death
         # As the README says: resume once the SuperLink has ended the dead run (its ServerApp's heartbeat lapses),
         # on the SuperNodes left running.
         def dead_run_ended() -> bool:
@@ -807,7 +810,6 @@ def test_loopback_deployment_survives_a_killed_serverapp_and_a_killed_supernode(
         wait_for("the SuperLink to end the dead run", dead_run_ended, 240)
         submit("--resume", str(out), "--node-wait-s", "300")
         wait_for("the resumed run's summary", lambda: (out / rf.SUMMARY).exists(), 360)
-        embedded = cellm.run(tiny(*overrides), save=False)
         for ra, rb in zip(embedded.metrics, rows(out), strict=True):
             assert {k: ra.get(k) for k in LEDGER_KEYS} == {k: rb.get(k) for k in LEDGER_KEYS}
         from safetensors.torch import load_file
@@ -821,10 +823,16 @@ def test_loopback_deployment_survives_a_killed_serverapp_and_a_killed_supernode(
         submit("--preset", "tiny", "--set", "rounds=6", "--set", "fl.clients_per_round=4", "--out", str(out2))
         wait_for("round 1", lambda: len(rows(out2)) >= 2, 120)
         _signal_group(nodes[1].pid, signal.SIGKILL)
+        # Restarted once a round has lost the killed node's clients (Flower answers for it once it has missed two
+        # heartbeats). The next round is planned as soon as that round's row is written, before a restarted node
+        # could answer its setup query (that takes a ClientApp), so it samples the survivors only; the rounds after
+        # it leave the restarted node time to be set up and trained again.
+        wait_for("a round that lost the killed node's clients",
+                 lambda: any(r["failed"] + r["late"] for r in rows(out2)[2:]), 150)
+        start_node(1, "node1-restarted")
         survivors_only = wait_for("a round with only the surviving node's clients",
                                   lambda: [r for r in rows(out2)[2:] if r["clients"] and
                                            all(c % 2 == 0 for c in r["clients"]) and not r["failed"]], 150)
-        start_node(1, "node1-restarted")
         wait_for("the run's summary", lambda: (out2 / rf.SUMMARY).exists(), 240)
         after_kill = rows(out2)[2:]
         assert sum(r["failed"] + r["late"] for r in after_kill) > 0  # the killed node's clients in flight

@@ -30,9 +30,11 @@ same nodes is exact in every mode.
 A node is not trusted: a setup reply's claim is used only if its client ids are in range and no other live node
 serves them (the first claim keeps a client); a node whose setup failed or was refused is asked again with a
 doubling back-off. A train reply is used only from the node its message went to, for the current round, once, with
-every field checked (:mod:`cellm.runtime.flower.protocol`). Whatever is refused is logged and counted in the
-round's metrics row (``refused``: messages or uploads; a client whose reply was refused counts as ``rejected``),
-and never reaches the model.
+every field checked (:mod:`cellm.runtime.flower.protocol`); an error the SuperLink itself sends in place of a reply
+(Flower does so for a message whose node went offline) counts as that node's failure, so a dead node's clients
+fail as soon as Flower sees it offline instead of waiting out the round timeout. Whatever is refused is logged
+and counted in the round's metrics row (``refused``: messages or uploads; a client whose reply was refused counts
+as ``rejected``), and never reaches the model.
 
 Secure aggregation (``secagg.enabled``): the round of :func:`cellm.runtime.driver.play_secure_round`, with each
 SecAgg+ stage (advertise keys, share them, unmask) as one query message per node holding its sampled clients'
@@ -56,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, Message, MessageType
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid, ServerApp
 
 from cellm.config import CellmConfig, load_config
@@ -143,12 +146,12 @@ class CellmStrategy:
                     self._setup_failed(n, "its setup message could not be pushed")
             if self.pending:
                 for reply in grid.pull_messages(list(self.pending)):
-                    to, src = reply.metadata.reply_to_message_id, reply.metadata.src_node_id
+                    to, src = reply.metadata.reply_to_message_id, answering_node(reply, self.pending)
                     if self.pending.get(to) != src:  # the node it was sent to may still answer
                         self._refuse(f"a setup reply from node {src} to a message not sent to it (or answered)")
                         continue
                     del self.pending[to]
-                    self._node_answered(reply)
+                    self._node_answered(reply, src)
             missing = self.missing_clients()
             if not missing or not require_all:
                 return
@@ -179,10 +182,9 @@ class CellmStrategy:
         self.bad_nodes[node] = why
         log.error("node %s is not set up (%s); asking it again in %.0f s", node, why, delay)
 
-    def _node_answered(self, reply: Message) -> None:
-        """Use a node's setup reply if its claim holds: client ids in range, none served by another live node
+    def _node_answered(self, reply: Message, node: int) -> None:
+        """Use ``node``'s setup reply if its claim holds: client ids in range, none served by another live node
         (the first node to claim a client keeps it)."""
-        node = reply.metadata.src_node_id
         if reply.has_error():
             self._setup_failed(node, f"it failed the setup: {reply.error.reason}")
             return
@@ -247,7 +249,8 @@ class CellmStrategy:
         refused: set[int] = set()
         numel = self.vector_size() if self.vector_size is not None else None
         for msg in replies:
-            node, to = msg.metadata.src_node_id, msg.metadata.reply_to_message_id
+            node = answering_node(msg, self.last_sent if messages is None else messages)
+            to = msg.metadata.reply_to_message_id
             if messages is not None and (messages.get(to) != node or to in answered):
                 self._refuse(f"round {plan.round}: a reply from node {node} to message {to[:16]!r}, which "
                              f"{'it answered already' if to in answered else 'was not sent to it this round'}")
@@ -423,7 +426,7 @@ class CellmStrategy:
         out: dict[int, bytes] = {}
         answered: set[str] = set()
         for msg in replies:
-            node, to = msg.metadata.src_node_id, msg.metadata.reply_to_message_id
+            node, to = answering_node(msg, self.last_sent), msg.metadata.reply_to_message_id
             if self.last_sent.get(to) != node or to in answered:
                 self._refuse(f"round {round_}: a secagg {stage} reply from node {node} to message {to[:16]!r}, "
                              f"which {'it answered already' if to in answered else 'was not sent to it'}")
@@ -482,7 +485,7 @@ class CellmStrategy:
             got = list(self.grid.pull_messages(list(pending)))
             replies += got
             pending -= {r.metadata.reply_to_message_id for r in got  # a reply from another node answers nothing
-                        if self.last_sent.get(r.metadata.reply_to_message_id) == r.metadata.src_node_id}
+                        if self.last_sent.get(r.metadata.reply_to_message_id) == answering_node(r, self.last_sent)}
             if not pending or time.monotonic() >= deadline:
                 break
             time.sleep(self.options.reply_poll_s)
@@ -495,10 +498,22 @@ class CellmStrategy:
         msgs = [Message(P.finish_content(self.run_id), dst_node_id=n, message_type=P.FINISH_TYPE, group_id="finish")
                 for n in nodes]
         replies = self.send_and_receive(msgs, timeout)
-        bad = [r.metadata.src_node_id for r in replies if r.has_error()]
+        bad = [answering_node(r, self.last_sent) for r in replies if r.has_error()]
         if len(replies) < len(msgs) or bad:
             log.warning("run finished, but %d of %d nodes did not confirm removing its client state (errors from %s)",
                         len(msgs) - len(replies) + len(bad), len(msgs), bad)
+
+
+def answering_node(reply: Message, sent: dict[str, int]) -> int:
+    """The node a reply speaks for: its sender, except for an error the SuperLink itself made in place of a reply
+    to a message in ``sent`` (message id -> node), which stands for the node that message went to. Flower answers
+    so when a message's node went offline (two missed heartbeats); without this, a dead node's clients would wait
+    out the whole round timeout. No node can send as the SuperLink: it stores a node's reply only from the node
+    the message went to, and never gives a node the SuperLink's id."""
+    src = reply.metadata.src_node_id
+    if src == SUPERLINK_NODE_ID and reply.has_error():
+        return sent.get(reply.metadata.reply_to_message_id, src)
+    return src
 
 
 def _add(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
