@@ -438,26 +438,19 @@ def _per_entry(scales: np.ndarray, block_size: int, k: int) -> np.ndarray:
     return np.repeat(scales, block_size)[:k]  # several blocks: block_size < k, so this is < 2k entries
 
 
+_PLAIN: dict[int, type[ValueStage]] = {ValueScheme.FP32: Fp32Values, ValueScheme.FP16: Fp16Values,
+                                       ValueScheme.BF16: Bf16Values}
+_SCALED: dict[int, type[Int8Values] | type[RotatedValues]] = {
+    ValueScheme.INT8: Int8Values, ValueScheme.INT4: Int4Values, ValueScheme.INT2: Int2Values,
+    ValueScheme.ROT4: Rot4Values, ValueScheme.ROT3: Rot3Values, ValueScheme.ROT2: Rot2Values}
+
+
 def value_stage(scheme: int, block_size: int, fp16_scales: bool) -> ValueStage:
     """The stage for a header's value scheme; CodecError for an unknown one."""
-    if scheme == ValueScheme.FP32:
-        return Fp32Values()
-    if scheme == ValueScheme.FP16:
-        return Fp16Values()
-    if scheme == ValueScheme.BF16:
-        return Bf16Values()
-    if scheme == ValueScheme.INT8:
-        return Int8Values(block_size, fp16_scales)
-    if scheme == ValueScheme.INT4:
-        return Int4Values(block_size, fp16_scales)
-    if scheme == ValueScheme.INT2:
-        return Int2Values(block_size, fp16_scales)
-    if scheme == ValueScheme.ROT4:
-        return Rot4Values(block_size, fp16_scales)
-    if scheme == ValueScheme.ROT3:
-        return Rot3Values(block_size, fp16_scales)
-    if scheme == ValueScheme.ROT2:
-        return Rot2Values(block_size, fp16_scales)
+    if scheme in _PLAIN:
+        return _PLAIN[scheme]()
+    if scheme in _SCALED:
+        return _SCALED[scheme](block_size, fp16_scales)
     raise CodecError(f"unknown value scheme {scheme}")
 
 
